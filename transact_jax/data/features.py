@@ -30,7 +30,6 @@ from transact_jax.data.schema import (
     JaggedSequences,
     RequestBatch,
     SchemaError,
-    SequenceBatch,
     TokenFields,
     TrainingExamples,
 )
@@ -68,12 +67,14 @@ def _group_candidates(cand_to_req: np.ndarray, num_req: int) -> Tuple[np.ndarray
     return rank, counts
 
 
-def nn_select(seqs: SequenceBatch, lengths: np.ndarray, cand: np.ndarray, cand_to_req: np.ndarray,
+def nn_select(seqs: JaggedSequences, lengths: np.ndarray, cand: np.ndarray, cand_to_req: np.ndarray,
               k: int, scale: float) -> np.ndarray:
-    """NN(S, c; k) indices (N, k) for candidates ``cand`` (N, D) float against dense ``seqs``.
+    """NN(S, c; k) indices (N, k) for candidates ``cand`` (N, D) float against jagged ``seqs``.
 
-    ``lengths`` (U,) overrides ``seqs.lengths`` (used to search only the prefix ``S_RT[r:]``).
-    Requests are processed in chunks of similar length, each padded to a shape bucket.
+    Indices are positions inside each request's sequence (-1 for padding). ``lengths`` (U,) is the
+    searched prefix of each sequence (``seqs.lengths``, or less to search only ``S_RT[r:]``).
+    Requests are processed in chunks of similar length, each padded to a shape bucket; only the
+    chunk's rows are ever densified.
     """
     n = len(cand_to_req)
     out = np.full((n, k), PAD_INDEX, np.int32)
@@ -82,23 +83,26 @@ def nn_select(seqs: SequenceBatch, lengths: np.ndarray, cand: np.ndarray, cand_t
     u = len(lengths)
     rank, counts = _group_candidates(cand_to_req, u)
     order = np.argsort(lengths, kind="stable")  # similar lengths share a chunk
+    order = order[counts[order] > 0]            # requests without candidates need no search
+    emb = seqs.tokens.embeddings
     start = 0
-    while start < u:
+    while start < len(order):
         # grow the chunk while the bucketed score matrix stays within budget
         stop, n_max = start + 1, int(counts[order[start]])
-        while stop < u:
+        while stop < len(order):
             l_b = bucket_length(max(int(lengths[order[stop]]), 1))
             n_next = max(n_max, int(counts[order[stop]]))
             if bucket_length(stop + 1 - start) * bucket_length(n_next) * l_b > _SCORE_BUDGET:
                 break
             stop, n_max = stop + 1, n_next
         rows = order[start:stop]
-        l_b = min(bucket_length(max(int(lengths[rows].max()), 1)), bucket_length(seqs.max_len))
-        n_b = bucket_length(max(int(counts[rows].max()), 1))
-        u_b = bucket_length(len(rows))
-        seq = np.zeros((u_b, l_b, seqs.tokens.embeddings.shape[-1]), np.int8)
-        take = min(l_b, seqs.max_len)
-        seq[:len(rows), :take] = seqs.tokens.embeddings[rows, :take]
+        l_b = bucket_length(max(int(lengths[rows].max()), 1))
+        u_b, n_b = bucket_length(len(rows)), bucket_length(n_max)
+        pos = np.arange(l_b)[None, :]
+        inside = pos < lengths[rows, None]
+        src = np.where(inside, seqs.offsets[rows, None] + pos, 0)
+        seq = np.zeros((u_b, l_b, emb.shape[-1]), np.int8)
+        seq[:len(rows)] = np.where(inside[..., None], emb[src] if len(emb) else 0, 0)
         lens = np.zeros(u_b, np.int32)
         lens[:len(rows)] = lengths[rows]
         slot_of_req = np.full(u, -1, np.int64)
@@ -107,8 +111,7 @@ def nn_select(seqs: SequenceBatch, lengths: np.ndarray, cand: np.ndarray, cand_t
         grid = np.zeros((u_b, n_b, cand.shape[-1]), np.float32)
         grid[slot_of_req[cand_to_req[mine]], rank[mine]] = cand[mine]
         idx, _ = nn_search_grouped_reference(seq, lens, grid, k=k, scale=scale)
-        idx = np.asarray(idx)
-        out[mine] = idx[slot_of_req[cand_to_req[mine]], rank[mine]]
+        out[mine] = np.asarray(idx)[slot_of_req[cand_to_req[mine]], rank[mine]]
         start = stop
     return out
 
@@ -120,44 +123,44 @@ def _recent_index(lengths: np.ndarray, count: int) -> np.ndarray:
     return np.where(idx < lengths[:, None], idx, PAD_INDEX).astype(np.int32)
 
 
-def _gather(seqs: SequenceBatch, rows: np.ndarray, idx: np.ndarray) -> Tuple[TokenFields, np.ndarray]:
-    """Tokens ``seqs[rows[i], idx[i, j]]`` (N, k) with zeros and mask False where ``idx == -1``."""
+def _gather_into(out: TokenFields, slots: slice, seqs: JaggedSequences, rows: np.ndarray,
+                 idx: np.ndarray) -> np.ndarray:
+    """Write tokens ``seqs[rows[i]][idx[i, j]]`` into ``out[i, slots]``; returns the (N, k) mask.
+
+    Slots where ``idx == -1`` are left as they are (zeros in a fresh buffer).
+    """
     mask = idx >= 0
-    safe = np.where(mask, idx, 0)
-
-    def pick(a):
-        if a.shape[1] == 0:
-            return np.zeros(idx.shape + a.shape[2:], a.dtype)
-        got = a[rows[:, None], safe]
+    if not mask.any():
+        return mask
+    flat = np.where(mask, seqs.offsets[rows][:, None] + idx, 0)
+    for f in dataclasses.fields(TokenFields):
+        got = getattr(seqs.tokens, f.name)[flat]
         got[~mask] = 0
-        return got
-
-    return seqs.tokens.map(pick), mask
+        getattr(out, f.name)[:, slots] = got
+    return mask
 
 
 def select_s_all(requests: RequestBatch, feat: FeatureConfig, sel: SelectionConfig) -> SAll:
     """Build S_all for every candidate of ``requests`` (see module docstring)."""
-    ll = requests.ll.to_padded()
-    rt = requests.rt.to_padded()
-    imp = requests.imp.to_padded()
     cand = dequantize_int8(requests.cand_embedding, feat.quant_scale)
     c2r = requests.cand_to_req
-    rt_old = np.maximum(rt.lengths - sel.r, 0).astype(np.int32)
+    rt_len = requests.rt.lengths
+    rt_old = np.maximum(rt_len - sel.r, 0).astype(np.int32)
     segment_index = {
-        "ll": nn_select(ll, ll.lengths, cand, c2r, sel.k_ll, feat.quant_scale),
-        "rt_recent": _recent_index(rt.lengths, sel.r)[c2r],
-        "rt_nn": nn_select(rt, rt_old, cand, c2r, sel.k_rt, feat.quant_scale),
-        "imp": nn_select(imp, imp.lengths, cand, c2r, sel.k_imp, feat.quant_scale),
+        "ll": nn_select(requests.ll, requests.ll.lengths, cand, c2r, sel.k_ll, feat.quant_scale),
+        "rt_recent": _recent_index(rt_len, sel.r)[c2r],
+        "rt_nn": nn_select(requests.rt, rt_old, cand, c2r, sel.k_rt, feat.quant_scale),
+        "imp": nn_select(requests.imp, requests.imp.lengths, cand, c2r, sel.k_imp, feat.quant_scale),
     }
-    source = {"ll": ll, "rt_recent": rt, "rt_nn": rt, "imp": imp}
-    parts, masks = [], []
-    for name, _ in sel.segments:
-        toks, mask = _gather(source[name], c2r, segment_index[name])
-        parts.append(toks)
-        masks.append(mask)
-    tokens = jax.tree_util.tree_map(lambda *a: np.concatenate(a, axis=1), *parts)
-    index = np.concatenate([segment_index[name] for name, _ in sel.segments], axis=1)
-    return SAll(tokens, np.concatenate(masks, axis=1), index)
+    source = {"ll": requests.ll, "rt_recent": requests.rt, "rt_nn": requests.rt, "imp": requests.imp}
+    n = len(c2r)
+    tokens = TokenFields.empty((n, sel.s_all_len), feat)
+    mask = np.zeros((n, sel.s_all_len), bool)
+    index = np.full((n, sel.s_all_len), PAD_INDEX, np.int32)
+    for name, slots in sel.segments:
+        mask[:, slots] = _gather_into(tokens, slots, source[name], c2r, segment_index[name])
+        index[:, slots] = segment_index[name]
+    return SAll(tokens, mask, index)
 
 
 def nal_target_mask(s_all: TokenFields, mask: np.ndarray, feat: FeatureConfig,
@@ -185,8 +188,9 @@ def log_nn_features(requests: RequestBatch, feat: FeatureConfig, sel: SelectionC
         requests.validate(feat, sel)
     s_all = select_s_all(requests, feat, sel)
     c2r = requests.cand_to_req
-    imp = requests.imp.to_padded()
-    neg, neg_mask = _gather(imp, c2r, _recent_index(imp.lengths, sel.num_nal_negatives)[c2r])
+    negatives = TokenFields.empty((len(c2r), sel.num_nal_negatives), feat)
+    neg_index = _recent_index(requests.imp.lengths, sel.num_nal_negatives)[c2r]
+    neg_mask = _gather_into(negatives, slice(0, sel.num_nal_negatives), requests.imp, c2r, neg_index)
     return TrainingExamples(
         s_all=s_all.tokens,
         s_all_mask=s_all.mask,
@@ -199,7 +203,7 @@ def log_nn_features(requests: RequestBatch, feat: FeatureConfig, sel: SelectionC
         categorical=requests.categorical,
         labels=requests.labels,
         nal_target_mask=nal_target_mask(s_all.tokens, s_all.mask, feat, sel),
-        nal_negatives=neg.embeddings,
+        nal_negatives=negatives.embeddings,
         nal_negative_mask=neg_mask,
     )
 
