@@ -93,7 +93,10 @@ def nn_search_reference(
     """
     seq = normalized_sequence(seq_q, scale)                    # (U, L, D)
     c = l2_normalize(cand.astype(jnp.float32))                 # (N, D)
-    scores = jnp.einsum("nd,nld->nl", c, seq[cand_to_req], precision=lax.Precision.HIGHEST)
+    # Elementwise product + sum, not a dot: XLA tiles dots so that rows in a remainder tile are
+    # summed in a different order, and identical tokens would then get scores one ulp apart,
+    # breaking the "ties to the lower index" rule. The reduction is position-invariant.
+    scores = jnp.sum(c[:, None, :] * seq[cand_to_req], axis=-1)        # (N, L)
     valid = _valid_mask(lengths, seq_q.shape[1])[cand_to_req]
     return masked_top_k(scores, valid, k)
 
@@ -114,7 +117,7 @@ def nn_search_grouped_reference(
     """
     seq = normalized_sequence(seq_q, scale)                    # (U, L, D)
     c = l2_normalize(cand.astype(jnp.float32))                 # (U, N, D)
-    scores = jnp.einsum("und,uld->unl", c, seq, precision=lax.Precision.HIGHEST)
+    scores = jnp.sum(c[:, :, None, :] * seq[:, None, :, :], axis=-1)   # (U, N, L), see above
     valid = _valid_mask(lengths, seq_q.shape[1])[:, None, :]
     valid = jnp.broadcast_to(valid, scores.shape)
     return masked_top_k(scores, valid, k)

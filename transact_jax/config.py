@@ -125,7 +125,8 @@ class SelectionConfig:
       max_rt_len: longest real-time sequence kept.
       max_imp_len: longest impression sequence kept.
       k_ll, r, k_rt, k_imp: segment sizes (K_LL, r, K_RT, K_imp).
-      num_nal_negatives: impression embeddings logged per example as NAL negatives (most recent first).
+      num_nal_negatives: M, the user's M most recent impressions logged per example as NAL negatives
+        (chronological, padding last).
     """
 
     max_ll_len: int = 10_000

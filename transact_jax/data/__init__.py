@@ -13,8 +13,12 @@ from transact_jax.data.schema import (
     broadcast,
 )
 from transact_jax.data.features import SAll, log_nn_features, select_s_all
+from transact_jax.data.feature_log import FeatureLog, FeatureLogError, FeatureLogWriter
+from transact_jax.data.event_log import EventLog, EventLogConfig, build_requests, build_training_examples
 
 __all__ = [
     "BroadcastBatch", "JaggedSequences", "RequestBatch", "SchemaError", "SequenceBatch",
     "TokenFields", "TrainingExamples", "broadcast", "SAll", "log_nn_features", "select_s_all",
+    "FeatureLog", "FeatureLogError", "FeatureLogWriter",
+    "EventLog", "EventLogConfig", "build_requests", "build_training_examples",
 ]

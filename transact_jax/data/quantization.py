@@ -6,6 +6,7 @@ API boundary needs: float input, finite values, the right embedding width.
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.int8_codec import (
@@ -25,12 +26,12 @@ def quantize(e: np.ndarray, scale: float = QUANT_SCALE, name: str = "embeddings"
              dim: int | None = None) -> np.ndarray:
     """Quantize float embeddings ``(..., D)`` to int8 codes, rejecting NaN/inf and wrong widths."""
     e = np.asarray(e)
-    if e.dtype.kind != "f":
+    if not np.issubdtype(e.dtype, np.floating) and e.dtype != jnp.bfloat16:
         raise SchemaError(name, f"expected float embeddings, got dtype {e.dtype}")
     if dim is not None and (e.ndim == 0 or e.shape[-1] != dim):
         raise SchemaError(name, f"expected last dimension {dim}, got shape {e.shape}")
-    check_finite(name, e)
-    return quantize_int8(e, scale)
+    check_finite(name, e.astype(np.float32))
+    return quantize_int8(e.astype(np.float32), scale)
 
 
 def dequantize(q: np.ndarray, scale: float = QUANT_SCALE, name: str = "embeddings",

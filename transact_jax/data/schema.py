@@ -237,7 +237,9 @@ class JaggedSequences:
             raise SchemaError(f"{name}.offsets", "must start with 0")
         if np.any(np.diff(self.offsets) < 0):
             raise SchemaError(f"{name}.offsets", "must be non-decreasing")
-        total = self.tokens.timestamps.shape[0] if self.tokens.timestamps.ndim == 1 else -1
+        # flat (T,) tokens: check the timestamps first so that a wrong type/shape names the tokens
+        total = check_array(f"{name}.tokens.timestamps", self.tokens.timestamps, np.int64,
+                            (None,)).shape[0]
         if self.offsets[-1] != total:
             raise SchemaError(f"{name}.offsets", f"last offset {self.offsets[-1]} != number of "
                               f"tokens {self.tokens.shape}")
@@ -349,12 +351,15 @@ class TrainingExamples:
         for c, vocab in enumerate(feat.categorical_vocab_sizes):
             check_range(f"categorical[:, {c}]", self.categorical[:, c], 0, vocab)
         check_range("labels", self.labels, 0, 2)
-        if np.any(self.candidate_embedding == -128) or np.any(self.nal_negatives == -128):
-            raise SchemaError("candidate_embedding/nal_negatives", "int8 code -128 is outside [-127, 127]")
-        # Padding slots carry no token: a masked-off slot must be all zeros.
+        for name in ("candidate_embedding", "nal_negatives"):
+            if np.any(getattr(self, name) == -128):
+                raise SchemaError(name, "int8 code -128 is outside [-127, 127]")
+        # Padding slots carry no token: a masked-off slot must be all zeros (every token field).
         pad = ~self.s_all_mask
-        if np.any(self.s_all.embeddings[pad]) or np.any(self.s_all.actions[pad]):
+        if any(np.any(a[pad]) for a in jax.tree_util.tree_leaves(self.s_all)):
             raise SchemaError("s_all", "padding slots (s_all_mask == False) must hold zeros")
+        if np.any(self.nal_negatives[~self.nal_negative_mask]):
+            raise SchemaError("nal_negatives", "padding slots (nal_negative_mask == False) must hold zeros")
         rt = sel.segment("rt_recent")
         tm = self.nal_target_mask
         if np.any(tm & ~self.s_all_mask[:, rt]):
