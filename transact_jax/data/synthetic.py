@@ -98,6 +98,7 @@ class SyntheticConfig:
     quality_weight: float = 0.5
     users_per_chunk: int = 1024
     start_time: int = 1_700_000_000
+    user_id_offset: int = 0
 
     def __post_init__(self):
         if self.num_topics < self.lt_topics + self.st_topics + self.dislike_topics + self.fatigue_topics:
@@ -392,7 +393,7 @@ def generate_chunk(cfg: SyntheticConfig, feat: FeatureConfig, sel: SelectionConf
     catalog = catalog or make_catalog(cfg, feat)
     u = cfg.users_per_chunk if num_users is None else num_users
     rng = np.random.default_rng([cfg.seed, 1, chunk_index])
-    users = _users(rng, cfg, chunk_index * cfg.users_per_chunk, u)
+    users = _users(rng, cfg, cfg.user_id_offset + chunk_index * cfg.users_per_chunk, u)
     t_req = cfg.start_time + rng.integers(0, 7 * _SECONDS_PER_DAY, u).astype(np.int64)
     t_rt_start = t_req - rng.integers(3600, 6 * 3600, u).astype(np.int64)
     ll, ll_topics = _lifelong(rng, cfg, sel, users, catalog, t_rt_start, feat)
@@ -410,8 +411,13 @@ def generate_chunk(cfg: SyntheticConfig, feat: FeatureConfig, sel: SelectionConf
 
 
 def iter_chunks(cfg: SyntheticConfig, feat: FeatureConfig, sel: SelectionConfig,
-                num_users: int) -> Iterator[SyntheticChunk]:
-    """Stream ``num_users`` users in chunks of ``cfg.users_per_chunk`` (the last may be smaller)."""
-    catalog = make_catalog(cfg, feat)
+                num_users: int, catalog_seed: Optional[int] = None) -> Iterator[SyntheticChunk]:
+    """Stream ``num_users`` users in chunks of ``cfg.users_per_chunk`` (the last may be smaller).
+
+    ``catalog_seed`` (default ``cfg.seed``) picks the item catalog, so that users of another seed can
+    live in the same world (e.g. held-out evaluation users).
+    """
+    seed = cfg.seed if catalog_seed is None else catalog_seed
+    catalog = make_catalog(dataclasses.replace(cfg, seed=seed), feat)
     for i, start in enumerate(range(0, num_users, cfg.users_per_chunk)):
         yield generate_chunk(cfg, feat, sel, i, catalog, min(cfg.users_per_chunk, num_users - start))

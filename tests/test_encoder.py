@@ -1,0 +1,132 @@
+"""The encoder reference (``skut_reference``): torch semantics, masks, dtypes, no NaN."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pallas_kernels.skut_reference import EncoderWeights, masked_softmax, skut_reference
+from transact_jax.model.config import ModelConfig
+from transact_jax.model.ranking import TransformerEncoder
+
+run = jax.jit(skut_reference, static_argnames=("num_heads", "causal"))
+
+
+def random_weights(seed: int, n=2, d=64, f=32) -> EncoderWeights:
+    return TransformerEncoder(ModelConfig(num_layers=n, d_model=d, ff_dim=f), rngs=nnx.Rngs(seed)).weights()
+
+
+def numpy_encoder(x, mask, w: EncoderWeights, num_heads=1, causal=True, eps=1e-5):
+    """Float64 loop-per-row implementation of the torch layer semantics."""
+    x = np.asarray(x, np.float64)
+    w = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), w)
+    b, length, d = x.shape
+    dh = d // num_heads
+
+    def ln(v, g, bias):
+        mu = v.mean(-1, keepdims=True)
+        var = ((v - mu) ** 2).mean(-1, keepdims=True)
+        return (v - mu) / np.sqrt(var + eps) * g + bias
+
+    for layer in range(w.num_layers):
+        qkv = x @ w.w_qkv[layer] + w.b_qkv[layer]
+        q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+        attn = np.zeros_like(x)
+        for bi in range(b):
+            for i in range(length):
+                keys = [j for j in range(length) if mask[bi, j] and (j <= i or not causal)]
+                if not keys:
+                    continue
+                for h in range(num_heads):
+                    hs = slice(h * dh, (h + 1) * dh)
+                    s = np.array([q[bi, i, hs] @ k[bi, j, hs] for j in keys]) / np.sqrt(dh)
+                    p = np.exp(s - s.max())
+                    p /= p.sum()
+                    attn[bi, i, hs] = p @ v[bi, keys, hs]
+        a = attn @ w.w_o[layer] + w.b_o[layer]
+        h1 = ln(x + a, w.ln1_scale[layer], w.ln1_bias[layer])
+        ff = np.maximum(h1 @ w.w_1[layer] + w.b_1[layer], 0) @ w.w_2[layer] + w.b_2[layer]
+        x = ln(h1 + ff, w.ln2_scale[layer], w.ln2_bias[layer])
+    return x
+
+
+def ragged_mask(rng, b, length):
+    mask = rng.random((b, length)) < 0.7
+    mask[0] = False                     # a row with no valid key at all
+    if b > 1:
+        mask[1, : length // 2] = False  # leading padding: early queries see nothing
+    return mask
+
+
+@pytest.mark.parametrize("length,num_heads,causal", [(1, 1, True), (7, 1, True), (13, 2, True),
+                                                      (9, 1, False)])
+def test_matches_float64_loops(length, num_heads, causal):
+    rng = np.random.default_rng([length, num_heads, causal])
+    w = random_weights(length)
+    x = rng.normal(size=(3, length, 64)).astype(np.float32)
+    mask = ragged_mask(rng, 3, length)
+    got = np.asarray(run(jnp.asarray(x), jnp.asarray(mask), w, num_heads=num_heads, causal=causal))
+    want = numpy_encoder(x, mask, w, num_heads, causal)
+    assert np.all(np.isfinite(got))
+    valid = mask.astype(bool)
+    err = np.linalg.norm(got[valid] - want[valid]) / max(np.linalg.norm(want[valid]), 1e-12)
+    assert err < 1e-5, err
+
+
+def test_bf16_close_to_f32():
+    rng = np.random.default_rng(1)
+    w = random_weights(3)
+    x = rng.normal(size=(4, 48, 64)).astype(np.float32)
+    mask = ragged_mask(rng, 4, 48)
+    f32 = np.asarray(run(jnp.asarray(x), jnp.asarray(mask), w))
+    bf16 = np.asarray(run(jnp.asarray(x, jnp.bfloat16), jnp.asarray(mask), w)).astype(np.float32)
+    assert bf16.dtype == np.float32 and np.all(np.isfinite(bf16))
+    err = np.linalg.norm(bf16[mask] - f32[mask]) / np.linalg.norm(f32[mask])
+    assert 1e-4 < err < 3e-2, err   # bf16 operands: visibly lossy, still close
+
+
+def test_padding_and_future_do_not_leak():
+    rng = np.random.default_rng(2)
+    w = random_weights(4)
+    x = rng.normal(size=(1, 10, 64)).astype(np.float32)
+    mask = np.ones((1, 10), bool)
+    mask[0, 3] = False
+    y = np.asarray(run(jnp.asarray(x), jnp.asarray(mask), w))
+    x2 = x.copy()
+    x2[0, 3] = 1e4          # padding token: huge garbage
+    x2[0, 7:] = -1e4        # future tokens
+    y2 = np.asarray(run(jnp.asarray(x2), jnp.asarray(mask), w))
+    np.testing.assert_allclose(y2[0, :3], y[0, :3], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y2[0, 4:7], y[0, 4:7], rtol=1e-5, atol=1e-5)
+
+
+def test_masked_softmax_empty_row_is_zero():
+    s = jnp.array([[1.0, 2.0], [3.0, -np.inf]])
+    vis = jnp.array([[False, False], [True, False]])
+    p = np.asarray(masked_softmax(s, vis))
+    np.testing.assert_array_equal(p, [[0, 0], [1, 0]])
+    g = jax.grad(lambda s: masked_softmax(s, vis).sum())(s)
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_matches_torch_transformer_encoder():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(d_model=64, nhead=1, dim_feedforward=32, dropout=0.0,
+                                             activation="relu", batch_first=True, norm_first=False)
+    enc = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+    sd = {k: v.detach().numpy() for k, v in enc.state_dict().items()}
+    w = EncoderWeights.from_torch(sd, num_layers=2)
+    rng = np.random.default_rng(5)
+    b, length = 4, 192
+    x = rng.normal(size=(b, length, 64)).astype(np.float32)
+    mask = rng.random((b, length)) < 0.8
+    mask[:, 0] = True  # every query then sees a key, so torch gives no NaN rows
+    causal = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1)
+    with torch.no_grad():
+        want = enc(torch.from_numpy(x), mask=causal, src_key_padding_mask=torch.from_numpy(~mask)).numpy()
+    got = np.asarray(run(jnp.asarray(x), jnp.asarray(mask), w))
+    err = np.linalg.norm(got[mask] - want[mask]) / np.linalg.norm(want[mask])
+    assert err < 1e-5, err

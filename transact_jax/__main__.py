@@ -1,0 +1,102 @@
+"""Command line: ``python -m transact_jax {generate,train,evaluate,presets} ...``.
+
+    python -m transact_jax generate --out data/ --train-users 20000 --eval-users 4000
+    python -m transact_jax train --preset transact_v2 --data data/ --workdir runs/v2 --steps 3000
+    python -m transact_jax train --config my_experiment.json --data data/ --workdir runs/mine
+    python -m transact_jax evaluate --workdir runs/v2 --data data/
+
+``--config`` takes a JSON file of :class:`~transact_jax.train.config.ExperimentConfig` (sections
+``feature``, ``selection``, ``model``, ``train``; missing fields keep their defaults). A train run in
+an existing workdir resumes from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from transact_jax.train.config import ExperimentConfig
+
+
+def _config(args) -> ExperimentConfig:
+    if args.config:
+        cfg = ExperimentConfig.from_json(args.config)
+    else:
+        from transact_jax.presets import preset
+        cfg = preset(args.preset)
+    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
+                                   ("seed", args.seed)) if v is not None}
+    if overrides:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
+    return cfg
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m transact_jax", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="write synthetic train/eval feature logs")
+    g.add_argument("--out", required=True)
+    g.add_argument("--train-users", type=int, default=20_000)
+    g.add_argument("--eval-users", type=int, default=4_000)
+    g.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("train", help="train a model on a feature log")
+    t.add_argument("--config", help="ExperimentConfig JSON")
+    t.add_argument("--preset", default="transact_v2", help="a preset name if no --config")
+    t.add_argument("--data", required=True, help="directory with train/ (and eval/) feature logs")
+    t.add_argument("--workdir", required=True)
+    t.add_argument("--steps", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--no-resume", action="store_true")
+    e = sub.add_parser("evaluate", help="evaluate the latest checkpoint of a workdir")
+    e.add_argument("--workdir", required=True)
+    e.add_argument("--data", required=True)
+    sub.add_parser("presets", help="list the Table 2 presets")
+    args = ap.parse_args(argv)
+
+    from transact_jax.data.feature_log import FeatureLog
+    if args.command == "presets":
+        from transact_jax.presets import PRESET_NAMES, preset
+        for name in PRESET_NAMES:
+            c = preset(name)
+            print(f"{name:22s} sequence={c.model.sequence_model:9s} segments={','.join(c.model.segments) or '-':32s} "
+                  f"nal={c.train.nal_negatives}")
+        return 0
+    if args.command == "generate":
+        from transact_jax.data.generate import write_synthetic_logs
+        from transact_jax.data.synthetic import SyntheticConfig
+        cfg = ExperimentConfig()
+        train_log, eval_log = write_synthetic_logs(args.out, cfg.feature, cfg.selection,
+                                                   SyntheticConfig(seed=args.seed), args.train_users,
+                                                   args.eval_users)
+        print(f"wrote {len(train_log):,} train and {len(eval_log):,} eval examples to {args.out}")
+        return 0
+    if args.command == "train":
+        from transact_jax.train.loop import train
+        cfg = _config(args)
+        train_log = FeatureLog(os.path.join(args.data, "train"), cfg.feature, cfg.selection)
+        eval_dir = os.path.join(args.data, "eval")
+        eval_log = FeatureLog(eval_dir, cfg.feature, cfg.selection) if os.path.isdir(eval_dir) else None
+        result = train(cfg, train_log, workdir=args.workdir, eval_log=eval_log, resume=not args.no_resume)
+        print(json.dumps({"train": result.metrics, "eval": result.eval_metrics}, indent=2))
+        return 0
+    if args.command == "evaluate":
+        from transact_jax.train.checkpoint import Checkpointer
+        from transact_jax.train.loop import evaluate
+        from transact_jax.train.state import init_state
+        cfg = ExperimentConfig.from_json(os.path.join(args.workdir, "config.json"))
+        mdef, state, _ = init_state(cfg)
+        ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"))
+        state, _ = ckpt.restore(state, cfg)
+        ckpt.close()
+        log = FeatureLog(os.path.join(args.data, "eval"), cfg.feature, cfg.selection)
+        print(json.dumps(evaluate(cfg, mdef, state.params, log), indent=2))
+        return 0
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""TransAct V2 model: feature encoding, encoder, ranking tower, losses (knows nothing of training)."""

@@ -1,0 +1,81 @@
+"""Frozen model configuration (SPEC §3).
+
+One code path covers TransAct V2 and the baselines of Table 2; they differ only in
+``sequence_model`` and ``segments``:
+
+* ``sequence_model="none"``: no user sequence (Wide&Deep).
+* ``"bst"``: BST - a non-causal transformer over the chosen segments with the candidate appended as an
+  extra token; the candidate token's output is the sequence vector.
+* ``"transact"``: TransAct - early fusion (the candidate embedding is concatenated to every token,
+  eq. 4), causal transformer, linear + max-pool over valid positions.
+
+``segments`` picks S_all segments (``SelectionConfig.segments``): TransAct (RT) and BST read
+``("rt_recent", "rt_nn")``; TransAct V2 reads all four, ``("ll", "rt_recent", "rt_nn", "imp")``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Tuple
+
+SEQUENCE_MODELS = ("none", "bst", "transact")
+ENCODER_IMPLS = ("xla", "skut")
+ALL_SEGMENTS = ("ll", "rt_recent", "rt_nn", "imp")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the ranking model.
+
+    Attributes:
+      sequence_model: "none" | "bst" | "transact" (module docstring).
+      segments: S_all segments the sequence model reads, in S_all order.
+      d_model: transformer width d = 2 x embedding_dim (64, eq. 4).
+      num_layers, num_heads, ff_dim: encoder shape (2 layers, 1 head, feed-forward 32; paper §3.2.2).
+      dropout: encoder dropout during training (torch's four sites); 0 at inference.
+      seq_out_dim: width of the linear layer before max-pooling.
+      cat_embed_dim: embedding width of each categorical feature.
+      num_cross_layers: DCN-v2 cross layers.
+      mlp_dims: hidden sizes of the MLP after the cross layers.
+      wide: add a per-category linear ("wide") logit per head.
+      dtype: compute dtype, "float32" or "bfloat16" (parameters stay float32).
+      encoder_impl: "xla" (``skut_reference`` compiled by XLA) or "skut" (the fused Pallas kernel,
+        inference only).
+    """
+
+    sequence_model: str = "transact"
+    segments: Tuple[str, ...] = ALL_SEGMENTS
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 1
+    ff_dim: int = 32
+    dropout: float = 0.0
+    seq_out_dim: int = 64
+    cat_embed_dim: int = 16
+    num_cross_layers: int = 2
+    mlp_dims: Tuple[int, ...] = (256, 128)
+    wide: bool = True
+    dtype: str = "float32"
+    encoder_impl: str = "xla"
+
+    def __post_init__(self):
+        if self.sequence_model not in SEQUENCE_MODELS:
+            raise ValueError(f"sequence_model: expected one of {SEQUENCE_MODELS}, got {self.sequence_model!r}")
+        if self.encoder_impl not in ENCODER_IMPLS:
+            raise ValueError(f"encoder_impl: expected one of {ENCODER_IMPLS}, got {self.encoder_impl!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype: expected 'float32' or 'bfloat16', got {self.dtype!r}")
+        unknown = set(self.segments) - set(ALL_SEGMENTS)
+        if unknown:
+            raise ValueError(f"segments: unknown segments {sorted(unknown)}")
+        if list(self.segments) != [s for s in ALL_SEGMENTS if s in self.segments]:
+            raise ValueError(f"segments: must follow S_all order {ALL_SEGMENTS}")
+        if self.sequence_model != "none" and not self.segments:
+            raise ValueError("segments: a sequence model needs at least one segment")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"num_heads: {self.num_heads} does not divide d_model={self.d_model}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+
+    @property
+    def uses_sequence(self) -> bool:
+        return self.sequence_model != "none"

@@ -1,0 +1,124 @@
+"""Frozen training configuration and the experiment bundle (SPEC §4-5)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Dict, Tuple
+
+from transact_jax.config import FeatureConfig, SelectionConfig
+from transact_jax.model.config import ModelConfig
+
+NAL_NEGATIVES = ("none", "impression", "in_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimization, objective and bookkeeping.
+
+    Attributes:
+      batch_size: global batch (split over all devices; must be divisible by their number).
+      steps: optimizer steps of the whole run.
+      learning_rate, warmup_steps, end_lr_fraction: AdamW with linear warmup then cosine decay to
+        ``learning_rate * end_lr_fraction``.
+      weight_decay: AdamW decoupled weight decay (matrices only; biases, norms, tables exempt).
+      clip_norm: global gradient-norm clipping.
+      head_loss_weights: w_h of eq. 1, one per head (FeatureConfig.heads order).
+      ranking_weights: w_h of the ranking score S = sum_h w_h f(x)_h used by HIT@K (§4.2.1); the hide
+        head gets a negative weight so that likely hides rank low.
+      w_nal: w_NAL of eq. 7 (0 disables the Next Action Loss).
+      nal_negatives: "impression" (NAL_imp), "in_batch" (NAL_in-batch) or "none".
+      nal_kind: "sampled_softmax" (eq. 5) or "bce" (Table 7's cross-entropy NAL).
+      num_in_batch_negatives: negatives per example for NAL_in-batch.
+      seed: parameter init, dropout and data order.
+      log_every, eval_every, checkpoint_every: in steps (0 disables eval / periodic checkpoints;
+        a final checkpoint is always written when a checkpoint directory is given).
+      keep_checkpoints: how many checkpoints orbax keeps.
+      prefetch: batches the input pipeline reads ahead.
+    """
+
+    batch_size: int = 512
+    steps: int = 2000
+    learning_rate: float = 2e-3
+    warmup_steps: int = 100
+    end_lr_fraction: float = 0.05
+    weight_decay: float = 1e-4
+    clip_norm: float = 1.0
+    head_loss_weights: Tuple[float, ...] = (1.0, 1.0, 1.0)
+    ranking_weights: Tuple[float, ...] = (1.0, 1.0, -1.0)
+    w_nal: float = 0.01
+    nal_negatives: str = "impression"
+    nal_kind: str = "sampled_softmax"
+    num_in_batch_negatives: int = 32
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    prefetch: int = 4
+
+    def __post_init__(self):
+        for name in ("batch_size", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.nal_negatives not in NAL_NEGATIVES:
+            raise ValueError(f"nal_negatives: expected one of {NAL_NEGATIVES}, got {self.nal_negatives!r}")
+        if self.nal_kind not in ("sampled_softmax", "bce"):
+            raise ValueError(f"nal_kind: expected 'sampled_softmax' or 'bce', got {self.nal_kind!r}")
+        if self.learning_rate <= 0 or self.w_nal < 0 or self.clip_norm <= 0:
+            raise ValueError("learning_rate and clip_norm must be > 0, w_nal >= 0")
+
+    @property
+    def uses_nal(self) -> bool:
+        return self.w_nal > 0 and self.nal_negatives != "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything that defines a run: features, S_all selection, model and training."""
+
+    name: str = "transact_v2"
+    feature: FeatureConfig = FeatureConfig()
+    selection: SelectionConfig = SelectionConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+    def __post_init__(self):
+        h = self.feature.num_heads
+        for name in ("head_loss_weights", "ranking_weights"):
+            if len(getattr(self.train, name)) != h:
+                raise ValueError(f"train.{name}: need {h} weights for heads {self.feature.heads}")
+        if self.train.uses_nal and (self.model.sequence_model != "transact"
+                                    or "rt_recent" not in self.model.segments):
+            raise ValueError("train.nal_negatives: the Next Action Loss needs sequence_model="
+                             "'transact' reading the 'rt_recent' segment")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "ExperimentConfig":
+        """Build from a (possibly partial) nested dict; missing fields keep their defaults."""
+        sub = {"feature": FeatureConfig, "selection": SelectionConfig, "model": ModelConfig,
+               "train": TrainConfig}
+        kwargs: Dict[str, Any] = {}
+        for key, value in d.items():
+            if key in sub:
+                known = {f.name for f in dataclasses.fields(sub[key])}
+                unknown = set(value) - known
+                if unknown:
+                    raise ValueError(f"{key}: unknown fields {sorted(unknown)}")
+                kwargs[key] = sub[key](**{k: tuple(v) if isinstance(v, list) else v
+                                          for k, v in value.items()})
+            elif key == "name":
+                kwargs[key] = value
+            else:
+                raise ValueError(f"unknown config section {key!r}")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, path: str) -> "ExperimentConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))

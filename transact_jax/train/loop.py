@@ -1,0 +1,170 @@
+"""The training loop and evaluation over feature logs (SPEC §5).
+
+``train(cfg, train_log, workdir=..., eval_log=...)`` runs ``cfg.train.steps`` jitted steps over the
+grain pipeline, with a progress bar (loss, examples/s), JSON-lines metrics (``metrics.jsonl``),
+periodic and final orbax checkpoints (``checkpoints/``) and resume from the latest checkpoint.
+``evaluate(...)`` computes HIT@K, AUC and NE per head over a whole log.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Dict, Optional
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from transact_jax.data.feature_log import FeatureLog
+from transact_jax.data.pipeline import make_loader
+from transact_jax.data.schema import TrainingExamples
+from transact_jax.eval.metrics import MetricAccumulator
+from transact_jax.model.inputs import ModelInputs
+from transact_jax.train.checkpoint import Checkpointer
+from transact_jax.train.config import ExperimentConfig
+from transact_jax.train.objective import Targets
+from transact_jax.train.state import (
+    ModelDef, TrainState, data_mesh, init_state, make_predict, make_train_step, replicate, shard_batch)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train` returns: final state, model definition, last metrics, eval metrics."""
+
+    state: TrainState
+    model_def: ModelDef
+    metrics: Dict[str, float]
+    eval_metrics: Optional[Dict[str, float]]
+    examples_per_second: float
+
+
+class _StopTraining(Exception):
+    pass
+
+
+def _local_batch_size(global_batch: int) -> int:
+    n_dev = jax.device_count()
+    if global_batch % n_dev:
+        raise ValueError(f"train.batch_size: {global_batch} is not divisible by the {n_dev} devices")
+    return global_batch // jax.process_count()
+
+
+def train(cfg: ExperimentConfig, train_log: FeatureLog, *, workdir: Optional[str] = None,
+          eval_log: Optional[FeatureLog] = None, resume: bool = True, progress: bool = True,
+          stop_after: Optional[int] = None,
+          on_step: Optional[Callable[[int, Dict[str, float]], None]] = None) -> TrainResult:
+    """Train ``cfg`` on ``train_log`` (a :class:`FeatureLog` written with the same feature and
+    selection configs).
+
+    Args:
+      workdir: where ``metrics.jsonl`` and ``checkpoints/`` go (None: no files, no resume).
+      eval_log: evaluated every ``train.eval_every`` steps and at the end.
+      resume: continue from the latest checkpoint in ``workdir`` if there is one.
+      progress: show a tqdm progress bar.
+      stop_after: stop (as if killed) once this step is reached, without a final checkpoint; for
+        tests of crash recovery.
+      on_step: called with (step, metrics) after every logged step.
+    """
+    tc = cfg.train
+    if train_log.feat != cfg.feature or train_log.sel != cfg.selection:
+        raise ValueError("train_log: written with other feature/selection configs than cfg")
+    mesh = data_mesh()
+    mdef, state, opt = init_state(cfg)
+    loader = make_loader(train_log, batch_size=_local_batch_size(tc.batch_size), seed=tc.seed,
+                         num_epochs=None, shard_index=jax.process_index(),
+                         shard_count=jax.process_count(), prefetch=tc.prefetch)
+    it = iter(loader)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints) if workdir else None
+    if ckpt is not None and resume and ckpt.latest_step() is not None:
+        state, data_state = ckpt.restore(state, cfg)
+        it.set_state(data_state)
+    state = replicate(state, mesh)
+    step_fn = make_train_step(mdef, cfg, opt, mesh)
+    metrics_file = None
+    if workdir and jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(cfg.to_json())
+        metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+    start = int(jax.device_get(state.step))
+    bar = tqdm(total=tc.steps, initial=start, disable=not progress, desc=cfg.name, unit="step")
+    last: Dict[str, float] = {}
+    eval_metrics = None
+    t_log, n_log, t_all, n_all = time.perf_counter(), 0, 0.0, 0
+    try:
+        for step in range(start, tc.steps):
+            batch: TrainingExamples = next(it)
+            t0 = time.perf_counter()
+            state, m = step_fn(state, shard_batch(ModelInputs.from_examples(batch), mesh),
+                               shard_batch(Targets.from_examples(batch), mesh))
+            n_log += tc.batch_size
+            done = step + 1
+            if done % tc.log_every == 0 or done == tc.steps:
+                last = {k: float(v) for k, v in jax.device_get(m).items()}
+                now = time.perf_counter()
+                last.update(step=done, examples_per_second=n_log / (now - t_log))
+                t_all, n_all = t_all + now - t_log, n_all + n_log
+                t_log, n_log = now, 0
+                bar.set_postfix(loss=f"{last['loss']:.4f}", ex_s=f"{last['examples_per_second']:.0f}")
+                _write(metrics_file, {"type": "train", **last})
+                if on_step:
+                    on_step(done, last)
+            bar.update(1)
+            if eval_log is not None and tc.eval_every and done % tc.eval_every == 0 and done < tc.steps:
+                eval_metrics = evaluate(cfg, mdef, state.params, eval_log)
+                _write(metrics_file, {"type": "eval", "step": done, **eval_metrics})
+            if ckpt is not None and tc.checkpoint_every and done % tc.checkpoint_every == 0:
+                ckpt.save(state, it.get_state(), cfg)
+            if stop_after is not None and done >= stop_after:
+                raise _StopTraining
+        if ckpt is not None:
+            ckpt.save(state, it.get_state(), cfg, force=True)
+        if eval_log is not None:
+            eval_metrics = evaluate(cfg, mdef, state.params, eval_log)
+            _write(metrics_file, {"type": "eval", "step": tc.steps, **eval_metrics})
+    except _StopTraining:
+        pass
+    finally:
+        bar.close()
+        if ckpt is not None:
+            ckpt.close()
+        if metrics_file is not None:
+            metrics_file.close()
+    eps = n_all / t_all if t_all else 0.0
+    return TrainResult(state, mdef, last, eval_metrics, eps)
+
+
+def _write(f, record: Dict[str, Any]) -> None:
+    if f is not None:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def predict_log(cfg: ExperimentConfig, mdef: ModelDef, params, log: FeatureLog,
+                batch_size: int = 4096):
+    """Yield ``(probs (n, H), examples)`` over ``log`` in stored order (last batch padded on device,
+    trimmed on return)."""
+    mesh = data_mesh()
+    batch_size -= batch_size % jax.device_count()
+    predict = make_predict(mdef, mesh)
+    params = replicate(params, mesh)
+    for start in range(0, len(log), batch_size):
+        ex = log.read_range(start, min(start + batch_size, len(log)))
+        n = len(ex)
+        padded = ex if n == batch_size else ex.select(np.concatenate(
+            [np.arange(n), np.zeros(batch_size - n, np.int64)]))
+        probs = np.asarray(jax.device_get(predict(params, shard_batch(
+            ModelInputs.from_examples(padded), mesh))))[:n]
+        yield probs, ex
+
+
+def evaluate(cfg: ExperimentConfig, mdef: ModelDef, params, log: FeatureLog, ks=(3,),
+             batch_size: int = 4096) -> Dict[str, float]:
+    """HIT@K / AUC / NE per head over a whole feature log (SPEC §5, paper §4.2.1)."""
+    acc = MetricAccumulator(cfg.feature.heads, cfg.train.ranking_weights, ks=ks, ties="average")
+    for probs, ex in predict_log(cfg, mdef, params, log, batch_size):
+        acc.add(probs, ex.labels, ex.user_id, ex.request_id)
+    return {k: float(v) for k, v in acc.result().items()}
