@@ -17,16 +17,18 @@ Notation (paper §3.3.1), explained once:
 
 Choices (documented here, tested in ``tests/test_losses.py``):
 
-* :func:`multi_head_bce` is eq. 1, ``sum_h w_h BCE_h``, averaged over (optionally weighted) examples.
-* :func:`nal_loss` is eq. 5 *averaged* over valid (u, t) pairs, where eq. 6 sums them: with the mean,
-  the scale of L_NAL and hence the meaning of w_NAL do not depend on the batch size, on r, or on how
-  many positions happen to be positive engagements (SPEC §4).
-* A sampled-softmax pair needs at least one valid negative: with none, eq. 5 is identically 0 (and so
-  is its gradient), so such pairs are left out of the mean instead of diluting it.
+* :func:`multi_head_bce` is eq. 1, ``sum_h w_h BCE_h``, averaged over (optionally weighted)
+  examples.
+* :func:`nal_loss` is eq. 5 *averaged* over valid (u, t) pairs, where eq. 6 sums them: with the
+  mean, the scale of L_NAL and hence the meaning of w_NAL do not depend on the batch size, on r, or
+  on how many positions happen to be positive engagements (SPEC §4).
+* A sampled-softmax pair needs at least one valid negative: with none, eq. 5 is identically 0 (and
+  so is its gradient), so such pairs are left out of the mean instead of diluting it.
 * Accidental hits: a negative that *is* the positive item (equal int8 codes when codes are given,
   otherwise bit-equal embeddings) is masked out for that pair only.
 * Everything is computed in float32 whatever the input dtype; masked inputs are replaced by zeros
-  before use, so padding may hold any value (even inf/NaN) without changing the loss or its gradient.
+  before use, so padding may hold any value (even inf/NaN) without changing the loss or its
+  gradient.
 * With no valid example / pair, a loss is exactly 0 with zero (finite) gradients.
 
 All functions are pure ``jax.numpy`` and jit-able (shapes and ``kind`` are static).
@@ -95,7 +97,7 @@ def multi_head_bce(logits: Array, labels: Array, head_weights: Array,
 # ---------------------------------------------------------------------------------- eq. 5-6
 
 def next_slot(x: Array, segment: slice) -> Array:
-    """Values of the slot after each slot of ``segment`` along axis 1: ``x[:, s+1]`` for s in segment.
+    """The slot after each slot of ``segment`` along axis 1: ``x[:, s + 1]`` for s in ``segment``.
 
     With ``segment = SelectionConfig.segment("rt_recent")`` and ``x`` the (dequantized) S_all
     embeddings (N, |S_all|, D) or their int8 codes, this is p_u(t+1) for t = 0..r-1, aligned with
@@ -129,10 +131,12 @@ def nal_loss(user_emb: Array, pos_emb: Array, target_mask: Array, neg_emb: Array
     logits ``s_p = <P u(t), p(t+1)>`` and ``s_j = <P u(t), n_j>``:
 
     * ``kind="sampled_softmax"`` (eq. 5): ``-log(e^{s_p} / (e^{s_p} + sum_j e^{s_j}))``
-      = ``logsumexp(s_p, s_1, ..., s_k) - s_p``. Pairs with at least one valid negative are averaged.
+      = ``logsumexp(s_p, s_1, ..., s_k) - s_p``. Pairs with at least one valid negative are
+      averaged.
     * ``kind="bce"`` (cross-entropy NAL, paper Table 7): ``-log sigmoid(s_p)
-      - (1/k) sum_j log(1 - sigmoid(s_j))`` over the k valid negatives of the pair (the negative term
-      is 0 when k = 0); every target pair is averaged. Positive and the mean negative term weigh equally.
+      - (1/k) sum_j log(1 - sigmoid(s_j))`` over the k valid negatives of the pair (the negative
+      term is 0 when k = 0); every target pair is averaged. The positive term and the mean negative
+      term weigh equally.
 
     Args:
       user_emb: (N, T, D) P u(t), already projected to the item-embedding width.
@@ -140,17 +144,17 @@ def nal_loss(user_emb: Array, pos_emb: Array, target_mask: Array, neg_emb: Array
       target_mask: (N, T) bool, True for valid targets.
       neg_emb: (N, M, D) negatives of each example.
       neg_mask: (N, M) bool, True for real negatives.
-      pos_codes, neg_codes: optional int8 codes (N, T, D) / (N, M, D) of positives and negatives for
-        accidental-hit detection (give both or neither).
+      pos_codes, neg_codes: optional int8 codes (N, T, D) / (N, M, D) of positives and negatives
+        for accidental-hit detection (give both or neither).
       kind: "sampled_softmax" or "bce".
 
     Returns:
       ``(loss, aux)``: float32 scalar loss (0 when there is no valid pair) and a dict of float32
       scalars without gradient: ``num_pairs`` (pairs averaged), ``num_targets``, ``num_negatives``
       (valid (pair, negative) combinations), ``pos_logit_mean`` (over targets), ``neg_logit_mean``
-      (over valid negatives of targets), ``accuracy`` (fraction of targets with at least one negative
-      whose positive logit beats every negative logit), ``accidental_hits`` (masked (pair, negative)
-      combinations).
+      (over valid negatives of targets), ``accuracy`` (fraction of targets with at least one
+      negative whose positive logit beats every negative logit), ``accidental_hits`` (masked
+      (pair, negative) combinations).
     """
     if kind not in NAL_KINDS:
         raise ValueError(f"kind must be one of {NAL_KINDS}, got {kind!r}")
@@ -181,7 +185,8 @@ def nal_loss(user_emb: Array, pos_emb: Array, target_mask: Array, neg_emb: Array
         # stable logsumexp over {s_p} U {s_j valid}; invalid entries are replaced before exp
         m = jnp.maximum(pos_logit, jnp.max(jnp.where(valid, neg_logit, -jnp.inf), axis=-1))
         m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-        neg_exp = jnp.where(valid, jnp.exp(jnp.where(valid, neg_logit, m[..., None]) - m[..., None]), 0.0)
+        shifted = jnp.where(valid, neg_logit, m[..., None]) - m[..., None]
+        neg_exp = jnp.where(valid, jnp.exp(shifted), 0.0)
         total_exp = jnp.exp(pos_logit - m) + jnp.sum(neg_exp, axis=-1)     # >= exp(0) = 1 for pairs
         per_pair = jnp.log(jnp.where(has_neg, total_exp, 1.0)) + m - pos_logit
         pair = has_neg
@@ -217,13 +222,13 @@ def in_batch_negatives(emb: Array, mask: Array, user_id: Array, key: Array, num_
     """NAL_in-batch negatives (paper §3.3.2): tokens of another, randomly chosen user of the batch.
 
     For each example i a source example j != i is drawn: ``num_tries`` independent uniform draws
-    among the other N-1 rows (``j = (i + s) mod N`` with s uniform in [1, N-1]), keeping the first draw
-    whose ``user_id`` differs from i's. The kept draw is uniform over the rows of other users. (A batch
-    holds one row per (request, candidate), so many rows share a user; retrying keeps those from
-    wasting the negatives.) If every draw hits the same user, the row gets no negatives (mask all
-    False): negatives of the same user are not "another user". Then up to ``num_negatives`` valid
-    tokens of j's sequence are taken: all of them if it has at most that many, otherwise a uniformly
-    random subset. Deterministic given ``key``.
+    among the other N-1 rows (``j = (i + s) mod N`` with s uniform in [1, N-1]), keeping the first
+    draw whose ``user_id`` differs from i's. The kept draw is uniform over the rows of other users.
+    (A batch holds one row per (request, candidate), so many rows share a user; retrying keeps those
+    from wasting the negatives.) If every draw hits the same user, the row gets no negatives (mask
+    all False): negatives of the same user are not "another user". Then up to ``num_negatives``
+    valid tokens of j's sequence are taken: all of them if it has at most that many, otherwise a
+    uniformly random subset. Deterministic given ``key``.
 
     Args:
       emb: (N, T, D) token embeddings, e.g. the dequantized S_RT[:r] segment of S_all.
@@ -236,7 +241,8 @@ def in_batch_negatives(emb: Array, mask: Array, user_id: Array, key: Array, num_
       num_tries: static number of draws per example.
 
     Returns:
-      ``(neg_emb (N, M, D), neg_mask (N, M) bool, neg_codes (N, M, D) or None)``; masked slots hold 0.
+      ``(neg_emb (N, M, D), neg_mask (N, M) bool, neg_codes (N, M, D) or None)``; masked slots
+      hold 0.
     """
     emb = jnp.asarray(emb)
     mask = jnp.asarray(mask).astype(bool)
@@ -248,24 +254,27 @@ def in_batch_negatives(emb: Array, mask: Array, user_id: Array, key: Array, num_
         neg_codes = None if codes is None else jnp.zeros((n, m) + codes.shape[2:], codes.dtype)
         return (jnp.zeros((n, m) + emb.shape[2:], emb.dtype), jnp.zeros((n, m), bool), neg_codes)
 
-    k_row, k_tok = jax.random.split(key)
+    # one uniform draw serves both choices (a single threefry call: cheaper to compile than two)
+    r = jax.random.uniform(key, (num_tries * n + n * t,))
     rows = jnp.arange(n)
-    shifts = jax.random.randint(k_row, (num_tries, n), 1, n)
+    shifts = 1 + jnp.minimum(jnp.floor(r[:num_tries * n] * (n - 1)), n - 2).astype(jnp.int32)
+    shifts = shifts.reshape(num_tries, n)                                  # uniform in [1, N-1]
     cand = (rows[None, :] + shifts) % n                                    # (tries, N), never i
     differs = user_id[cand] != user_id[None, :]
-    first = jnp.argmax(differs, axis=0)                                    # first success (0 if none)
+    first = jnp.argmax(differs, axis=0)                     # first success (0 if none succeeds)
     src = cand[first, rows]                                                # (N,)
     other_user = differs[first, rows]
 
     src_mask = mask[src]                                                   # (N, T)
-    scores = jnp.where(src_mask, jax.random.uniform(k_tok, (n, t)), 2.0)  # valid tokens first
+    scores = jnp.where(src_mask, r[num_tries * n:].reshape(n, t), 2.0)  # valid tokens first
     take = min(m, t)
     order = jnp.argsort(scores, axis=1)[:, :take]                          # (N, take)
     neg_mask = jnp.take_along_axis(src_mask, order, axis=1) & other_user[:, None]
 
     def gather(x: Array) -> Array:
         g = x[src[:, None], order]                                         # (N, take, ...)
-        g = jnp.where(neg_mask.reshape(neg_mask.shape + (1,) * (g.ndim - 2)), g, jnp.zeros((), g.dtype))
+        keep = neg_mask.reshape(neg_mask.shape + (1,) * (g.ndim - 2))
+        g = jnp.where(keep, g, jnp.zeros((), g.dtype))
         if take < m:
             g = jnp.pad(g, [(0, 0), (0, m - take)] + [(0, 0)] * (g.ndim - 2))
         return g

@@ -1,0 +1,129 @@
+"""Training throughput of the jitted train step (issue 3, item 8).
+
+For each preset, batch size and compute dtype: examples/s of the jitted, donated train step on
+device-resident batches (input pipeline excluded; median and spread over repeated steps, compile
+excluded), and examples/s of the full loop with the grain pipeline reading a feature log.
+
+    python bench/train_throughput.py                    # CPU-sized defaults
+    python bench/train_throughput.py --gpu              # GPU-sized sweep
+
+Writes ``bench/results/train_throughput_<platform>.json`` and ``.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from _env import RESULTS, environment, time_calls
+from transact_jax.data.generate import write_synthetic_logs
+from transact_jax.data.synthetic import SyntheticConfig
+from transact_jax.model.inputs import ModelInputs
+from transact_jax.presets import preset
+from transact_jax.train.loop import train
+from transact_jax.train.objective import Targets
+from transact_jax.train.state import data_mesh, init_state, make_train_step, replicate, shard_batch
+
+
+def step_throughput(name: str, batch_size: int, dtype: str, log, repeats: int) -> dict:
+    base = preset(name)
+    cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, dtype=dtype),
+                              train=dataclasses.replace(base.train, batch_size=batch_size))
+    mesh = data_mesh()
+    mdef, state, opt = init_state(cfg)
+    state = replicate(state, mesh)
+    step = make_train_step(mdef, cfg, opt, mesh)
+    ex = log.read(np.arange(batch_size) % len(log))
+    x = shard_batch(ModelInputs.from_examples(ex), mesh)
+    t = shard_batch(Targets.from_examples(ex), mesh)
+    holder = {"state": state}
+
+    def run():
+        holder["state"], m = step(holder["state"], x, t)
+        jax.block_until_ready(m["loss"])
+
+    t0 = time.perf_counter()
+    run()
+    compile_s = time.perf_counter() - t0
+    stats = time_calls(run, warmup=2, repeats=repeats)
+    return {"preset": name, "batch_size": batch_size, "dtype": dtype, "compile_s": compile_s, **stats,
+            "examples_per_s": batch_size / stats["median_s"]}
+
+
+def loop_throughput(name: str, batch_size: int, log, steps: int) -> dict:
+    base = preset(name)
+    cfg = dataclasses.replace(base, train=dataclasses.replace(
+        base.train, batch_size=batch_size, steps=steps, log_every=max(steps // 4, 1)))
+    r = train(cfg, log, progress=False)
+    return {"preset": name, "batch_size": batch_size, "steps": steps,
+            "examples_per_s_after_first_log": r.examples_per_second}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpu", action="store_true", help="GPU-sized sweep")
+    ap.add_argument("--presets", default="wide_deep,transact,transact_v2")
+    ap.add_argument("--data", default=None, help="existing data dir with train/ (else generated)")
+    args = ap.parse_args(argv)
+    batches = (1024, 4096, 16384) if args.gpu else (64, 256)
+    repeats = 30 if args.gpu else 5
+    users = 6000 if args.gpu else 400
+    cfg0 = preset("transact_v2")
+    data = args.data or tempfile.mkdtemp(prefix="tj_tp_")
+    if not os.path.isdir(os.path.join(data, "train")):
+        write_synthetic_logs(data, cfg0.feature, cfg0.selection, SyntheticConfig(users_per_chunk=1024),
+                             users, 64)
+    from transact_jax.data.feature_log import FeatureLog
+    log = FeatureLog(os.path.join(data, "train"), cfg0.feature, cfg0.selection)
+    rows = []
+    for name in args.presets.split(","):
+        for b in batches:
+            for dtype in ("float32", "bfloat16"):
+                r = step_throughput(name, b, dtype, log, repeats)
+                print(json.dumps(r), flush=True)
+                rows.append(r)
+    loops = [loop_throughput("transact_v2", batches[-1], log, 40 if args.gpu else 8)]
+    print(json.dumps(loops[0]), flush=True)
+    env = environment()
+    result = {"benchmark": "train_throughput", "environment": env, "examples_in_log": len(log),
+              "step": rows, "loop": loops}
+    os.makedirs(RESULTS, exist_ok=True)
+    stem = os.path.join(RESULTS, f"train_throughput_{env['platform']}")
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    plot(result, stem + ".png")
+    print(f"{'preset':22s} {'batch':>6s} {'dtype':>9s} {'ex/s':>12s} {'p10-p90 ms':>16s}")
+    for r in rows:
+        print(f"{r['preset']:22s} {r['batch_size']:6d} {r['dtype']:>9s} {r['examples_per_s']:12,.0f} "
+              f"{r['p10_s'] * 1e3:7.2f}-{r['p90_s'] * 1e3:7.2f}")
+    return result
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    keys = sorted({(r["preset"], r["dtype"]) for r in result["step"]})
+    for name, dtype in keys:
+        rs = [r for r in result["step"] if r["preset"] == name and r["dtype"] == dtype]
+        ax.plot([r["batch_size"] for r in rs], [r["examples_per_s"] for r in rs], marker="o",
+                ls="-" if dtype == "float32" else "--", label=f"{name} {dtype}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("examples / s (train step)")
+    ax.set_title(f"Train step throughput, {result['environment']['device']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
