@@ -70,9 +70,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--gpu", action="store_true", help="GPU-sized sweep")
     ap.add_argument("--presets", default="wide_deep,transact,transact_v2")
     ap.add_argument("--data", default=None, help="existing data dir with train/ (else generated)")
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes")
+    ap.add_argument("--results", default=RESULTS)
     args = ap.parse_args(argv)
     batches = (1024, 4096, 16384) if args.gpu else (64, 256)
-    repeats = 30 if args.gpu else 5
+    if args.batches:
+        batches = tuple(int(b) for b in args.batches.split(","))
+    repeats = 20 if args.gpu else 5
     users = 6000 if args.gpu else 400
     cfg0 = preset("transact_v2")
     data = args.data or tempfile.mkdtemp(prefix="tj_tp_")
@@ -81,22 +85,27 @@ def main(argv=None) -> dict:
                              users, 64)
     from transact_jax.data.feature_log import FeatureLog
     log = FeatureLog(os.path.join(data, "train"), cfg0.feature, cfg0.selection)
-    rows = []
+    env = environment()
+    result = {"benchmark": "train_throughput", "environment": env, "examples_in_log": len(log),
+              "step": [], "loop": []}
+    os.makedirs(args.results, exist_ok=True)
+    stem = os.path.join(args.results, f"train_throughput_{env['platform']}")
+
+    def save():  # after every measurement, so a cut-off run keeps what it measured
+        with open(stem + ".json", "w") as f:
+            json.dump(result, f, indent=2)
+
+    rows = result["step"]
     for name in args.presets.split(","):
         for b in batches:
             for dtype in ("float32", "bfloat16"):
                 r = step_throughput(name, b, dtype, log, repeats)
                 print(json.dumps(r), flush=True)
                 rows.append(r)
-    loops = [loop_throughput("transact_v2", batches[-1], log, 40 if args.gpu else 8)]
-    print(json.dumps(loops[0]), flush=True)
-    env = environment()
-    result = {"benchmark": "train_throughput", "environment": env, "examples_in_log": len(log),
-              "step": rows, "loop": loops}
-    os.makedirs(RESULTS, exist_ok=True)
-    stem = os.path.join(RESULTS, f"train_throughput_{env['platform']}")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=2)
+                save()
+    result["loop"].append(loop_throughput("transact_v2", batches[-1], log, 40 if args.gpu else 8))
+    print(json.dumps(result["loop"][0]), flush=True)
+    save()
     plot(result, stem + ".png")
     print(f"{'preset':22s} {'batch':>6s} {'dtype':>9s} {'ex/s':>12s} {'p10-p90 ms':>16s}")
     for r in rows:

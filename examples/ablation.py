@@ -53,6 +53,28 @@ def environment() -> Dict[str, object]:
             "optax": version("optax")}
 
 
+class RawStore:
+    """Per-run results on disk (``--raw``), so an interrupted sweep resumes where it stopped."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.data: Dict[str, Dict[str, float]] = {}
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if path and os.path.exists(path):
+            with open(path) as f:
+                self.data = json.load(f)
+
+    def run(self, cfg: ExperimentConfig, train_log: FeatureLog, eval_log: FeatureLog) -> Dict[str, float]:
+        key = f"{cfg.name}|seed={cfg.train.seed}|w_nal={cfg.train.w_nal:g}"
+        if key not in self.data:
+            self.data[key] = run(cfg, train_log, eval_log)
+            if self.path:
+                with open(self.path, "w") as f:
+                    json.dump(self.data, f, indent=1)
+        return self.data[key]
+
+
 def run(cfg: ExperimentConfig, train_log: FeatureLog, eval_log: FeatureLog) -> Dict[str, float]:
     t0 = time.perf_counter()
     r = train(cfg, train_log, eval_log=eval_log, progress=False)
@@ -128,10 +150,13 @@ def main(argv=None) -> None:
     ap.add_argument("--data", default="/tmp/transact_ablation_data")
     ap.add_argument("--tables", default="2,4,6")
     ap.add_argument("--w-nal-sweep", default="0.0001,0.001,0.1")
+    ap.add_argument("--raw", default=os.path.join(RESULTS, "ablation_raw.json"),
+                    help="per-run results file; runs already in it are not repeated")
     ap.add_argument("--quick", action="store_true", help="tiny CPU-sized run")
     args = ap.parse_args(argv)
     if args.quick:
         args.train_users, args.eval_users, args.steps, args.batch_size = 1500, 500, 60, 128
+        args.raw = ""
     jax.config.update("jax_compilation_cache_dir", os.path.join(args.data, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -159,10 +184,11 @@ def main(argv=None) -> None:
             "environment": environment(), "hit_ties": "average",
             "ranking_weights": dict(zip(base.feature.heads, base.train.ranking_weights))}
 
+    store = RawStore(args.raw)
     results: Dict[str, List[Dict[str, float]]] = {}
     needed = list(PRESET_NAMES) if "2" in tables else ["transact", "transact_nal_inbatch", "transact_nal_imp"]
     for name in needed:
-        results[name] = [run(preset(name, base, seed=s), train_log, eval_log) for s in seeds]
+        results[name] = [store.run(preset(name, base, seed=s), train_log, eval_log) for s in seeds]
 
     if "2" in tables:
         rows = lift_rows(results, "wide_deep", [n for n in PRESET_NAMES if n != "wide_deep"])
@@ -180,7 +206,7 @@ def main(argv=None) -> None:
     if "6" in tables:
         sweep = {0.01: results["transact_nal_imp"]}
         for w in (float(v) for v in args.w_nal_sweep.split(",")):
-            sweep[w] = [run(preset("transact_nal_imp", base, seed=s, w_nal=w), train_log, eval_log)
+            sweep[w] = [store.run(preset("transact_nal_imp", base, seed=s, w_nal=w), train_log, eval_log)
                         for s in seeds]
         named = {f"w_nal={w:g}": v for w, v in sorted(sweep.items())}
         named["transact"] = results["transact"]

@@ -67,7 +67,8 @@ def test_matches_float64_loops(length, num_heads, causal):
     w = random_weights(length)
     x = rng.normal(size=(3, length, 64)).astype(np.float32)
     mask = ragged_mask(rng, 3, length)
-    got = np.asarray(run(jnp.asarray(x), jnp.asarray(mask), w, num_heads=num_heads, causal=causal))
+    with jax.default_matmul_precision("highest"):  # full f32 products on GPUs too (no TF32)
+        got = np.asarray(run(jnp.asarray(x), jnp.asarray(mask), w, num_heads=num_heads, causal=causal))
     want = numpy_encoder(x, mask, w, num_heads, causal)
     assert np.all(np.isfinite(got))
     valid = mask.astype(bool)
@@ -93,11 +94,13 @@ def test_padding_and_future_do_not_leak():
     x = rng.normal(size=(1, 10, 64)).astype(np.float32)
     mask = np.ones((1, 10), bool)
     mask[0, 3] = False
-    y = np.asarray(run(jnp.asarray(x), jnp.asarray(mask), w))
+    with jax.default_matmul_precision("highest"):
+        y = np.asarray(run(jnp.asarray(x), jnp.asarray(mask), w))
     x2 = x.copy()
     x2[0, 3] = 1e4          # padding token: huge garbage
     x2[0, 7:] = -1e4        # future tokens
-    y2 = np.asarray(run(jnp.asarray(x2), jnp.asarray(mask), w))
+    with jax.default_matmul_precision("highest"):
+        y2 = np.asarray(run(jnp.asarray(x2), jnp.asarray(mask), w))
     np.testing.assert_allclose(y2[0, :3], y[0, :3], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(y2[0, 4:7], y[0, 4:7], rtol=1e-5, atol=1e-5)
 
@@ -127,6 +130,7 @@ def test_matches_torch_transformer_encoder():
     causal = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1)
     with torch.no_grad():
         want = enc(torch.from_numpy(x), mask=causal, src_key_padding_mask=torch.from_numpy(~mask)).numpy()
-    got = np.asarray(run(jnp.asarray(x), jnp.asarray(mask), w))
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(run(jnp.asarray(x), jnp.asarray(mask), w))
     err = np.linalg.norm(got[mask] - want[mask]) / np.linalg.norm(want[mask])
     assert err < 1e-5, err

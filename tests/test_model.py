@@ -127,6 +127,11 @@ def test_presets_match_table2():
         assert (c.train.batch_size, c.train.w_nal, c.train.steps, c.train.seed) == (12, 0.05, 3, 5)
     with pytest.raises(ValueError, match="preset"):
         preset("transact_v3")
+    # train overrides win over the preset's negatives (Table 4: TransAct V2 with in-batch negatives)
+    c = preset("transact_v2", b, nal_negatives="in_batch")
+    assert c.train.nal_negatives == "in_batch" and c.model.segments == ALL_SEGMENTS
+    with pytest.raises(ValueError, match="train.nal_negatives"):
+        preset("wide_deep", b, nal_negatives="impression")  # NAL needs a TransAct model
 
 
 def test_presets_share_the_non_sequence_tower():
@@ -295,6 +300,25 @@ def test_all_masked_row_gives_finite_logits():
     for name in ("bst", "transact_v2"):
         np.testing.assert_allclose(logits(name, z)[0][[0, 2]], logits(name, y)[0][[0, 2]],
                                    rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["bst", "transact_v2"])
+def test_all_masked_rows_give_finite_gradients(name):
+    x = random_inputs(16)
+    m = np.array(x.mask)
+    m[::2] = False                       # every other row has no valid token at all
+    x = replace(x, mask=m)
+    _, mdef, p, _ = built(name)
+
+    def total(params):
+        out = mdef.bind(params)(x)
+        s = jnp.sum(out.logits)
+        return s if out.nal_user is None else s + jnp.sum(out.nal_user)
+
+    grads = jax.jit(jax.grad(total))(p)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        assert np.all(np.isfinite(np.asarray(g))), jax.tree_util.keystr(path)
+    assert np.abs(np.asarray(grads["sequence"]["encoder"]["w_qkv"])).max() > 0
 
 
 @pytest.mark.parametrize("name", ["bst", "transact_v2"])

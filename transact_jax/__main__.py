@@ -1,6 +1,6 @@
 """Command line: ``python -m transact_jax {generate,train,evaluate,presets} ...``.
 
-    python -m transact_jax generate --out data/ --train-users 20000 --eval-users 4000
+    python -m transact_jax generate --out data/ --train-users 20000 --eval-users 4000 [--config my.json]
     python -m transact_jax train --preset transact_v2 --data data/ --workdir runs/v2 --steps 3000
     python -m transact_jax train --config my_experiment.json --data data/ --workdir runs/mine
     python -m transact_jax evaluate --workdir runs/v2 --data data/
@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     g.add_argument("--train-users", type=int, default=20_000)
     g.add_argument("--eval-users", type=int, default=4_000)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--config", help="ExperimentConfig JSON whose feature/selection configs the logs use")
+    g.add_argument("--num-items", type=int, help="items in the synthetic catalog (default 200,000)")
     t = sub.add_parser("train", help="train a model on a feature log")
     t.add_argument("--config", help="ExperimentConfig JSON")
     t.add_argument("--preset", default="transact_v2", help="a preset name if no --config")
@@ -68,10 +70,12 @@ def main(argv=None) -> int:
     if args.command == "generate":
         from transact_jax.data.generate import write_synthetic_logs
         from transact_jax.data.synthetic import SyntheticConfig
-        cfg = ExperimentConfig()
-        train_log, eval_log = write_synthetic_logs(args.out, cfg.feature, cfg.selection,
-                                                   SyntheticConfig(seed=args.seed), args.train_users,
-                                                   args.eval_users)
+        cfg = ExperimentConfig.from_json(args.config) if args.config else ExperimentConfig()
+        syn = SyntheticConfig(seed=args.seed)
+        if args.num_items is not None:
+            syn = dataclasses.replace(syn, num_items=args.num_items)
+        train_log, eval_log = write_synthetic_logs(args.out, cfg.feature, cfg.selection, syn,
+                                                   args.train_users, args.eval_users)
         print(f"wrote {len(train_log):,} train and {len(eval_log):,} eval examples to {args.out}")
         return 0
     if args.command == "train":

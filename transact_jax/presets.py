@@ -41,12 +41,13 @@ PAPER_TABLE2 = {  # HIT@3 lift vs Wide&Deep, paper Table 2 (repin, hide)
 
 def preset(name: str, base: ExperimentConfig = ExperimentConfig(), **train_overrides) -> ExperimentConfig:
     """The experiment ``name`` (one of :data:`PRESET_NAMES`), on top of ``base``'s data and training
-    settings; ``train_overrides`` replace TrainConfig fields."""
+    settings; ``train_overrides`` replace TrainConfig fields (``nal_negatives`` included, e.g. TransAct
+    V2 with in-batch negatives for the negative-sampling comparison)."""
     if name not in _PRESETS:
         raise ValueError(f"preset: unknown {name!r}; choose from {PRESET_NAMES}")
     model, negatives = _PRESETS[name]
     model = dataclasses.replace(model, **{f.name: getattr(base.model, f.name)
                                           for f in dataclasses.fields(ModelConfig)
                                           if f.name not in ("sequence_model", "segments")})
-    train = dataclasses.replace(base.train, nal_negatives=negatives, **train_overrides)
+    train = dataclasses.replace(base.train, **{"nal_negatives": negatives, **train_overrides})
     return dataclasses.replace(base, name=name, model=model, train=train)

@@ -81,6 +81,11 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
         return out["state"], out["data"]
 
+    def clear(self) -> None:
+        """Delete every checkpoint in the directory (a run that starts over)."""
+        for step in self.manager.all_steps():
+            self.manager.delete(step)
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -4,6 +4,12 @@
 grain pipeline, with a progress bar (loss, examples/s), JSON-lines metrics (``metrics.jsonl``),
 periodic and final orbax checkpoints (``checkpoints/``) and resume from the latest checkpoint.
 ``evaluate(...)`` computes HIT@K, AUC and NE per head over a whole log.
+
+``metrics.jsonl`` holds one JSON object per line: ``{"type": "train", "step", "loss", "loss_ce",
+"grad_norm", "examples_per_second"}`` (plus ``"loss_nal", "nal_accuracy", "nal_pairs"`` when the Next
+Action Loss is on) every ``log_every`` steps and at the last step, and ``{"type": "eval", "step", ...}``
+with the keys of :func:`evaluate` (``hit@K/<head>``, ``auc/<head>``, ``ne/<head>``, ``num_users``,
+``num_chunks``, ``num_examples``). A resumed run appends to the file, a run from step 0 rewrites it.
 """
 from __future__ import annotations
 
@@ -61,7 +67,8 @@ def train(cfg: ExperimentConfig, train_log: FeatureLog, *, workdir: Optional[str
     Args:
       workdir: where ``metrics.jsonl`` and ``checkpoints/`` go (None: no files, no resume).
       eval_log: evaluated every ``train.eval_every`` steps and at the end.
-      resume: continue from the latest checkpoint in ``workdir`` if there is one.
+      resume: continue from the latest checkpoint in ``workdir`` if there is one; False starts over
+        and deletes the workdir's existing checkpoints.
       progress: show a tqdm progress bar.
       stop_after: stop (as if killed) once this step is reached, without a final checkpoint; for
         tests of crash recovery.
@@ -77,19 +84,27 @@ def train(cfg: ExperimentConfig, train_log: FeatureLog, *, workdir: Optional[str
                          shard_count=jax.process_count(), prefetch=tc.prefetch)
     it = iter(loader)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints) if workdir else None
-    if ckpt is not None and resume and ckpt.latest_step() is not None:
-        state, data_state = ckpt.restore(state, cfg)
-        it.set_state(data_state)
+    if ckpt is not None and ckpt.latest_step() is not None:
+        if resume:
+            try:
+                state, data_state = ckpt.restore(state, cfg)
+            except Exception:
+                ckpt.close()
+                raise
+            it.set_state(data_state)
+        else:  # start over: the old run's checkpoints would shadow this run's (same step numbers)
+            ckpt.clear()
     state = replicate(state, mesh)
     step_fn = make_train_step(mdef, cfg, opt, mesh)
+    start = int(jax.device_get(state.step))
     metrics_file = None
     if workdir and jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(cfg.to_json())
-        metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        # a resumed run appends; a run from step 0 starts a new file
+        metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a" if start else "w")
 
-    start = int(jax.device_get(state.step))
     bar = tqdm(total=tc.steps, initial=start, disable=not progress, desc=cfg.name, unit="step")
     last: Dict[str, float] = {}
     eval_metrics = None

@@ -42,7 +42,8 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class ModelDef:
-    """The static half of an NNX model: ``graphdef`` plus a state template to rebuild it."""
+    """The static half of an NNX model: ``graphdef`` plus a state template (shapes and dtypes,
+    no arrays) to rebuild it."""
 
     graphdef: Any
     template: Any
@@ -58,7 +59,10 @@ def build_model(cfg: ExperimentConfig, seed: int) -> Tuple[ModelDef, Params]:
     """Initialize the model; returns its static definition and the parameter dict."""
     model = RankingModel(cfg.feature, cfg.selection, cfg.model, rngs=nnx.Rngs(seed))
     graphdef, state = nnx.split(model)
-    return ModelDef(graphdef, state), state.to_pure_dict()
+    # The template keeps shapes only: holding the arrays would alias the parameters, which the
+    # train step donates (the template's arrays would then be deleted, and printing it would fail).
+    template = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+    return ModelDef(graphdef, template), state.to_pure_dict()
 
 
 def _decay_mask(params: Params) -> Params:
