@@ -152,6 +152,8 @@ def main(argv=None) -> None:
     ap.add_argument("--w-nal-sweep", default="0.0001,0.001,0.1")
     ap.add_argument("--raw", default=os.path.join(RESULTS, "ablation_raw.json"),
                     help="per-run results file; runs already in it are not repeated")
+    ap.add_argument("--generate-only", action="store_true",
+                    help="write the data set and stop (e.g. under JAX_PLATFORMS=cpu on a many-core host)")
     ap.add_argument("--quick", action="store_true", help="tiny CPU-sized run")
     args = ap.parse_args(argv)
     if args.quick:
@@ -178,6 +180,8 @@ def main(argv=None) -> None:
         open(marker, "w").close()
     print(f"data: {len(train_log):,} train / {len(eval_log):,} eval examples "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.generate_only:
+        return
     meta = {"seeds": len(seeds), "seed_values": seeds, "train_examples": len(train_log),
             "eval_examples": len(eval_log), "steps": args.steps, "batch_size": args.batch_size,
             "examples": args.steps * args.batch_size, "learning_rate": args.learning_rate,

@@ -5,8 +5,17 @@ skipped with a clear reason, so ``pytest`` on CPU runs everything else.
 """
 from __future__ import annotations
 
-import jax
-import pytest
+import os
+
+# Tests check semantics at full float32 precision and reproducibly: on a GPU, no TF32 matmuls and
+# deterministic reductions (scatter-add gradients otherwise use atomics). Speed is for bench/.
+if "--xla_gpu_deterministic_ops" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true").strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def _has_gpu() -> bool:
