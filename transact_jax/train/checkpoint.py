@@ -19,7 +19,7 @@ from transact_jax.train.state import TrainState
 
 # Fields that may differ between the run that wrote a checkpoint and the one resuming it.
 _RESUMABLE_DIFFERENCES = {"train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
-                          "train.keep_checkpoints", "train.prefetch"}
+                          "train.keep_checkpoints", "train.prefetch", "train.loader_threads"}
 
 
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

@@ -34,6 +34,7 @@ class TrainConfig:
         a final checkpoint is always written when a checkpoint directory is given).
       keep_checkpoints: how many checkpoints orbax keeps.
       prefetch: batches the input pipeline reads ahead.
+      loader_threads: threads that read batches from the feature log.
     """
 
     batch_size: int = 512
@@ -55,6 +56,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     prefetch: int = 4
+    loader_threads: int = 2
 
     def __post_init__(self):
         for name in ("batch_size", "steps"):

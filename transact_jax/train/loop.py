@@ -81,7 +81,8 @@ def train(cfg: ExperimentConfig, train_log: FeatureLog, *, workdir: Optional[str
     mdef, state, opt = init_state(cfg)
     loader = make_loader(train_log, batch_size=_local_batch_size(tc.batch_size), seed=tc.seed,
                          num_epochs=None, shard_index=jax.process_index(),
-                         shard_count=jax.process_count(), prefetch=tc.prefetch)
+                         shard_count=jax.process_count(), prefetch=tc.prefetch,
+                         num_threads=tc.loader_threads)
     it = iter(loader)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints) if workdir else None
     if ckpt is not None and ckpt.latest_step() is not None:
