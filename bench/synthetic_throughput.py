@@ -17,35 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
+from _env import RESULTS, environment  # noqa: E402  (also puts the repo root on sys.path)
 from transact_jax.config import FeatureConfig, SelectionConfig  # noqa: E402
 from transact_jax.data.feature_log import FeatureLog, FeatureLogWriter  # noqa: E402
 from transact_jax.data.features import log_nn_features  # noqa: E402
 from transact_jax.data.schema import broadcast  # noqa: E402
 from transact_jax.data.synthetic import SyntheticConfig, iter_chunks  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
-
-
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def versions() -> dict:
-    import jax
-    import grain  # noqa: F401
-    from importlib.metadata import version
-    return {"python": platform.python_version(), "jax": jax.__version__, "numpy": np.__version__,
-            "grain": version("grain"), "cpu_count": os.cpu_count(), "machine": platform.machine()}
 
 
 def main(argv=None) -> dict:
@@ -114,7 +100,7 @@ def main(argv=None) -> dict:
         },
         "targets": {"examples": 1_000_000, "wall_seconds": 600, "peak_rss_bytes": 4 * 2**30},
         "config": {"selection": sel.__dict__, "users_per_chunk": cfg.users_per_chunk, "seed": args.seed},
-        "versions": versions(),
+        "versions": environment(),
         "progress": progress,
     }
     os.makedirs(args.results, exist_ok=True)

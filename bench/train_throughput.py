@@ -56,12 +56,14 @@ def step_throughput(name: str, batch_size: int, dtype: str, log, repeats: int) -
             "examples_per_s": batch_size / stats["median_s"]}
 
 
-def loop_throughput(name: str, batch_size: int, log, steps: int) -> dict:
+def loop_throughput(name: str, batch_size: int, log, steps: int, threads: int) -> dict:
+    """The whole loop (grain pipeline + host-to-device + step), after the first logged interval."""
     base = preset(name)
     cfg = dataclasses.replace(base, train=dataclasses.replace(
-        base.train, batch_size=batch_size, steps=steps, log_every=max(steps // 4, 1)))
+        base.train, batch_size=batch_size, steps=steps, log_every=max(steps // 4, 1),
+        loader_threads=threads))
     r = train(cfg, log, progress=False)
-    return {"preset": name, "batch_size": batch_size, "steps": steps,
+    return {"preset": name, "batch_size": batch_size, "steps": steps, "loader_threads": threads,
             "examples_per_s_after_first_log": r.examples_per_second}
 
 
@@ -72,6 +74,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", default=None, help="existing data dir with train/ (else generated)")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes")
     ap.add_argument("--results", default=RESULTS)
+    ap.add_argument("--loop-only", action="store_true",
+                    help="measure only the end-to-end loop (writes train_loop_<platform>.json)")
+    ap.add_argument("--loader-threads", default="2", help="comma-separated reader thread counts")
     args = ap.parse_args(argv)
     batches = (1024, 4096, 16384) if args.gpu else (64, 256)
     if args.batches:
@@ -89,24 +94,28 @@ def main(argv=None) -> dict:
     result = {"benchmark": "train_throughput", "environment": env, "examples_in_log": len(log),
               "step": [], "loop": []}
     os.makedirs(args.results, exist_ok=True)
-    stem = os.path.join(args.results, f"train_throughput_{env['platform']}")
+    kind = "train_loop" if args.loop_only else "train_throughput"
+    stem = os.path.join(args.results, f"{kind}_{env['platform']}")
 
     def save():  # after every measurement, so a cut-off run keeps what it measured
         with open(stem + ".json", "w") as f:
             json.dump(result, f, indent=2)
 
     rows = result["step"]
-    for name in args.presets.split(","):
+    for name in ([] if args.loop_only else args.presets.split(",")):
         for b in batches:
             for dtype in ("float32", "bfloat16"):
                 r = step_throughput(name, b, dtype, log, repeats)
                 print(json.dumps(r), flush=True)
                 rows.append(r)
                 save()
-    result["loop"].append(loop_throughput("transact_v2", batches[-1], log, 40 if args.gpu else 8))
-    print(json.dumps(result["loop"][0]), flush=True)
-    save()
-    plot(result, stem + ".png")
+    for threads in (int(t) for t in args.loader_threads.split(",")):
+        result["loop"].append(loop_throughput("transact_v2", batches[-1], log, 40 if args.gpu else 8,
+                                              threads))
+        print(json.dumps(result["loop"][-1]), flush=True)
+        save()
+    if rows:
+        plot(result, stem + ".png")
     print(f"{'preset':22s} {'batch':>6s} {'dtype':>9s} {'ex/s':>12s} {'p10-p90 ms':>16s}")
     for r in rows:
         print(f"{r['preset']:22s} {r['batch_size']:6d} {r['dtype']:>9s} {r['examples_per_s']:12,.0f} "

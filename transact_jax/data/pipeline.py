@@ -139,8 +139,8 @@ def make_loader(log: Union[FeatureLog, LoggedExampleSource], *, batch_size: int,
                 prefetch: int = 4, num_threads: int = 2) -> grain.IterDataset:
     """:func:`make_dataset` as a prefetching ``grain.IterDataset``.
 
-    ``prefetch`` batches are read ahead by ``num_threads`` threads (``grain.ReadOptions``; 0 disables
-    prefetching). Batches come out in order regardless of threads. ``iter(loader)`` gives an iterator
+    ``prefetch`` batches (at least ``num_threads`` when prefetching) are read ahead by ``num_threads``
+    threads (``grain.ReadOptions``; ``prefetch=0`` disables prefetching). Batches come out in order regardless of threads. ``iter(loader)`` gives an iterator
     with ``get_state()`` / ``set_state()`` for checkpointing (module docstring).
     """
     if prefetch < 0 or num_threads < 0:
@@ -148,5 +148,7 @@ def make_loader(log: Union[FeatureLog, LoggedExampleSource], *, batch_size: int,
     ds = make_dataset(log, batch_size=batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                       drop_remainder=drop_remainder, shard_index=shard_index,
                       shard_count=shard_count, even_shards=even_shards)
+    # grain uses at most prefetch_buffer_size threads: keep the buffer at least as deep as the threads
+    buffer = max(int(prefetch), int(num_threads)) if prefetch else 0
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=int(num_threads),
-                                                prefetch_buffer_size=int(prefetch)))
+                                                prefetch_buffer_size=buffer))

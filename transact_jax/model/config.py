@@ -18,7 +18,7 @@ import dataclasses
 from typing import Tuple
 
 SEQUENCE_MODELS = ("none", "bst", "transact")
-ENCODER_IMPLS = ("xla", "skut")
+ENCODER_IMPLS = ("xla",)  # "skut" (the fused Pallas kernel) arrives with the SKUT kernel
 ALL_SEGMENTS = ("ll", "rt_recent", "rt_nn", "imp")
 
 
@@ -38,8 +38,7 @@ class ModelConfig:
       mlp_dims: hidden sizes of the MLP after the cross layers.
       wide: add a per-category linear ("wide") logit per head.
       dtype: compute dtype, "float32" or "bfloat16" (parameters stay float32).
-      encoder_impl: "xla" (``skut_reference`` compiled by XLA) or "skut" (the fused Pallas kernel,
-        inference only).
+      encoder_impl: "xla" (``skut_reference`` compiled by XLA); the fused SKUT kernel will add "skut".
     """
 
     sequence_model: str = "transact"

@@ -51,8 +51,8 @@ def _uniform(scale: float):
 class TransformerEncoder(nnx.Module):
     """The encoder's parameters, initialized like ``torch.nn.TransformerEncoderLayer``.
 
-    Forward is :func:`pallas_kernels.skut_reference.skut_reference` (``encoder_impl="xla"``) or the
-    fused SKUT kernel (``"skut"``), both on :meth:`weights`.
+    Forward is :func:`pallas_kernels.skut_reference.skut_reference` on :meth:`weights`, the contract
+    that the fused SKUT kernel (a later milestone) will implement in one Pallas call.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -81,11 +81,6 @@ class TransformerEncoder(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array, *, causal: bool,
                  dropout_key: Optional[jax.Array] = None) -> jax.Array:
-        if self.cfg.encoder_impl == "skut":
-            if dropout_key is not None:
-                raise ValueError("encoder_impl='skut' is inference-only; train with encoder_impl='xla'")
-            from pallas_kernels.skut import skut  # the fused kernel (SKUT issue)
-            return skut(x, mask, self.weights(), num_heads=self.cfg.num_heads, causal=causal)
         return skut_reference(x, mask, self.weights(), num_heads=self.cfg.num_heads, causal=causal,
                               dropout_rate=self.cfg.dropout, dropout_key=dropout_key)
 
