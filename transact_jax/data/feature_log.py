@@ -14,7 +14,7 @@ A feature log is a directory::
       manifest.json        # written last; without it the directory holds no log
       shard-00000.tfl      # examples [0, n_0)
       shard-00001.tfl      # examples [n_0, n_0 + n_1)
-      ...
+      shard-NNNNN.tfl      # one file per shard, in example order
 
 ``manifest.json`` is a UTF-8 JSON object:
 
