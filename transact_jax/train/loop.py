@@ -43,7 +43,7 @@ class TrainResult:
     model_def: ModelDef
     metrics: Dict[str, float]
     eval_metrics: Optional[Dict[str, float]]
-    examples_per_second: float
+    examples_per_second: float  # steady state: logged intervals after the first (which compiles)
 
 
 class _StopTraining(Exception):
@@ -110,10 +110,10 @@ def train(cfg: ExperimentConfig, train_log: FeatureLog, *, workdir: Optional[str
     last: Dict[str, float] = {}
     eval_metrics = None
     t_log, n_log, t_all, n_all = time.perf_counter(), 0, 0.0, 0
+    first_logged = False
     try:
         for step in range(start, tc.steps):
             batch: TrainingExamples = next(it)
-            t0 = time.perf_counter()
             state, m = step_fn(state, shard_batch(ModelInputs.from_examples(batch), mesh),
                                shard_batch(Targets.from_examples(batch), mesh))
             n_log += tc.batch_size
@@ -122,7 +122,9 @@ def train(cfg: ExperimentConfig, train_log: FeatureLog, *, workdir: Optional[str
                 last = {k: float(v) for k, v in jax.device_get(m).items()}
                 now = time.perf_counter()
                 last.update(step=done, examples_per_second=n_log / (now - t_log))
-                t_all, n_all = t_all + now - t_log, n_all + n_log
+                if first_logged:  # the first interval holds compilation: keep it out of the rate
+                    t_all, n_all = t_all + now - t_log, n_all + n_log
+                first_logged = True
                 t_log, n_log = now, 0
                 bar.set_postfix(loss=f"{last['loss']:.4f}", ex_s=f"{last['examples_per_second']:.0f}")
                 _write(metrics_file, {"type": "train", **last})
