@@ -12,6 +12,7 @@ hosts, call :func:`initialize_distributed` first; each process feeds its own sli
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
@@ -57,12 +58,20 @@ class ModelDef:
 
 def build_model(cfg: ExperimentConfig, seed: int) -> Tuple[ModelDef, Params]:
     """Initialize the model; returns its static definition and the parameter dict."""
-    model = RankingModel(cfg.feature, cfg.selection, cfg.model, rngs=nnx.Rngs(seed))
-    graphdef, state = nnx.split(model)
-    # The template keeps shapes only: holding the arrays would alias the parameters, which the
-    # train step donates (the template's arrays would then be deleted, and printing it would fail).
-    template = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-    return ModelDef(graphdef, template), state.to_pure_dict()
+    init = _initializer(cfg.feature, cfg.selection, cfg.model)
+    # Shapes only: the template must not alias the parameters, which the train step donates.
+    graphdef, template = nnx.split(nnx.eval_shape(
+        lambda: RankingModel(cfg.feature, cfg.selection, cfg.model, rngs=nnx.Rngs(0))))
+    return ModelDef(graphdef, template), init(jax.random.key(seed))
+
+
+@functools.lru_cache(maxsize=32)
+def _initializer(feat, sel, model_cfg) -> Callable:
+    """A compiled ``key -> parameter dict`` (eager init would compile every small op; this compiles
+    one program per model config and reuses it for every seed)."""
+    def init(key):
+        return nnx.state(RankingModel(feat, sel, model_cfg, rngs=nnx.Rngs(key))).to_pure_dict()
+    return jax.jit(init)
 
 
 def _decay_mask(params: Params) -> Params:
