@@ -27,7 +27,6 @@ from _env import RESULTS, environment  # noqa: E402  (also puts the repo root on
 from transact_jax.config import FeatureConfig, SelectionConfig  # noqa: E402
 from transact_jax.data.feature_log import FeatureLog, FeatureLogWriter  # noqa: E402
 from transact_jax.data.features import log_nn_features  # noqa: E402
-from transact_jax.data.schema import broadcast  # noqa: E402
 from transact_jax.data.synthetic import SyntheticConfig, iter_chunks  # noqa: E402
 
 def peak_rss_bytes() -> int:

@@ -18,7 +18,6 @@ tiny version on a CPU in a few minutes (too small for significant differences).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys

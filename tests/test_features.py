@@ -261,7 +261,6 @@ def expected_examples(req: RequestBatch, feat: FeatureConfig, sel: SelectionConf
     separately), else at the expected index.
     """
     n = req.num_candidates
-    seg = dict(sel.segments)
     index = np.full((n, sel.s_all_len), -1)
     near = np.zeros((n, sel.s_all_len), bool)
     score_of = np.full((n, sel.s_all_len), np.nan)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from transact_jax.__main__ import main as cli
-from transact_jax.config import FeatureConfig, SelectionConfig
+from transact_jax.config import SelectionConfig
 from transact_jax.data.generate import write_synthetic_logs
 from transact_jax.data.synthetic import SyntheticConfig
 from transact_jax.model.config import ModelConfig

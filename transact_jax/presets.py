@@ -21,7 +21,7 @@ import dataclasses
 from typing import Dict
 
 from transact_jax.model.config import ALL_SEGMENTS, ModelConfig
-from transact_jax.train.config import ExperimentConfig, TrainConfig
+from transact_jax.train.config import ExperimentConfig
 
 RT_SEGMENTS = ("rt_recent", "rt_nn")
 

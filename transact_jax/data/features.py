@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Tuple
 
-import jax
 import numpy as np
 
 from pallas_kernels.int8_codec import dequantize_int8
