@@ -127,6 +127,32 @@ def test_loader_prefetch_gives_the_dataset_order(log, examples):
         assert_batch_matches_log(batches[3], examples)
 
 
+def test_transform_runs_in_the_loader_and_keeps_order_and_state(log):
+    """A per-batch transform (the training loop's host-to-device step) runs in the reader threads:
+    same order as without it, and a saved state resumes the transformed stream exactly."""
+    import threading
+    kw = dict(batch_size=7, seed=5, num_epochs=None, prefetch=4, num_threads=2)
+    plain = iter(make_loader(log, **kw))
+    want = [next(plain).item_id for _ in range(6)]
+    threads = set()
+
+    def transform(batch):
+        threads.add(threading.get_ident())
+        return batch.item_id * 2
+
+    it = iter(make_loader(log, **kw, transform=transform))
+    got = [next(it) for _ in range(3)]
+    saved = it.get_state()
+    got += [next(it) for _ in range(3)]
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w * 2)
+    assert threading.get_ident() not in threads          # not on the consumer's thread
+    resumed = iter(make_loader(log, **kw, transform=transform))
+    resumed.set_state(saved)
+    for w in want[3:]:
+        np.testing.assert_array_equal(next(resumed), w * 2)
+
+
 # ---------------------------------------------------------------------------------- resume
 
 @pytest.mark.parametrize("stop_after", [3, 9])  # mid-epoch 0, and in epoch 1 after a straddling batch

@@ -30,7 +30,7 @@ yields exactly the batches the original would have yielded next.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import grain
 import numpy as np
@@ -136,18 +136,24 @@ def make_dataset(log: Union[FeatureLog, LoggedExampleSource], *, batch_size: int
 def make_loader(log: Union[FeatureLog, LoggedExampleSource], *, batch_size: int, seed: int = 0,
                 shuffle: bool = True, num_epochs: Optional[int] = 1, drop_remainder: bool = True,
                 shard_index: int = 0, shard_count: int = 1, even_shards: bool = True,
-                prefetch: int = 4, num_threads: int = 2) -> grain.IterDataset:
+                prefetch: int = 4, num_threads: int = 2,
+                transform: Optional[Callable[[TrainingExamples], Any]] = None) -> grain.IterDataset:
     """:func:`make_dataset` as a prefetching ``grain.IterDataset``.
 
     ``prefetch`` batches (at least ``num_threads`` when prefetching) are read ahead by ``num_threads``
-    threads (``grain.ReadOptions``; ``prefetch=0`` disables prefetching). Batches come out in order regardless of threads. ``iter(loader)`` gives an iterator
-    with ``get_state()`` / ``set_state()`` for checkpointing (module docstring).
+    threads (``grain.ReadOptions``; ``prefetch=0`` disables prefetching). Batches come out in order
+    regardless of threads. ``transform`` (e.g. conversion to model inputs and the host-to-device
+    copy) runs on each batch inside the reader threads, so it overlaps with training too.
+    ``iter(loader)`` gives an iterator with ``get_state()`` / ``set_state()`` for checkpointing
+    (module docstring); prefetched batches do not count as consumed.
     """
     if prefetch < 0 or num_threads < 0:
         raise ValueError(f"prefetch, num_threads: must be >= 0, got {prefetch}, {num_threads}")
     ds = make_dataset(log, batch_size=batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                       drop_remainder=drop_remainder, shard_index=shard_index,
                       shard_count=shard_count, even_shards=even_shards)
+    if transform is not None:
+        ds = ds.map(transform)
     # grain uses at most prefetch_buffer_size threads: keep the buffer at least as deep as the threads
     buffer = max(int(prefetch), int(num_threads)) if prefetch else 0
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=int(num_threads),

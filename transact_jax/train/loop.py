@@ -79,10 +79,16 @@ def train(cfg: ExperimentConfig, train_log: FeatureLog, *, workdir: Optional[str
         raise ValueError("train_log: written with other feature/selection configs than cfg")
     mesh = data_mesh()
     mdef, state, opt = init_state(cfg)
+
+    def to_device(batch: TrainingExamples):
+        # runs in the loader's threads: conversion and host-to-device copy overlap with the step
+        return (shard_batch(ModelInputs.from_examples(batch), mesh),
+                shard_batch(Targets.from_examples(batch), mesh))
+
     loader = make_loader(train_log, batch_size=_local_batch_size(tc.batch_size), seed=tc.seed,
                          num_epochs=None, shard_index=jax.process_index(),
                          shard_count=jax.process_count(), prefetch=tc.prefetch,
-                         num_threads=tc.loader_threads)
+                         num_threads=tc.loader_threads, transform=to_device)
     it = iter(loader)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints) if workdir else None
     if ckpt is not None and ckpt.latest_step() is not None:
@@ -113,9 +119,8 @@ def train(cfg: ExperimentConfig, train_log: FeatureLog, *, workdir: Optional[str
     first_logged = False
     try:
         for step in range(start, tc.steps):
-            batch: TrainingExamples = next(it)
-            state, m = step_fn(state, shard_batch(ModelInputs.from_examples(batch), mesh),
-                               shard_batch(Targets.from_examples(batch), mesh))
+            inputs, targets = next(it)
+            state, m = step_fn(state, inputs, targets)
             n_log += tc.batch_size
             done = step + 1
             if done % tc.log_every == 0 or done == tc.steps:
