@@ -1,34 +1,20 @@
-"""Shared helpers of the benchmark scripts: environment record, timing statistics."""
+"""Shared helpers of the benchmark scripts: repo on sys.path, results folder, environment record,
+timing statistics."""
 from __future__ import annotations
 
 import os
-import platform
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 from typing import Callable, Dict, List
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from transact_jax.environment import environment  # noqa: E402,F401  (re-exported for bench scripts)
+
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
-
-
-def environment() -> Dict[str, object]:
-    """Device name and library versions, for every result file."""
-    import jax
-    dev = jax.devices()[0]
-    out: Dict[str, object] = {
-        "device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
-        "device_count": jax.device_count(), "python": platform.python_version(),
-        "cpu_count": os.cpu_count(), "machine": platform.machine()}
-    for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "torch", "triton"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
+__all__ = ["RESULTS", "environment", "time_calls"]
 
 
 def time_calls(fn: Callable[[], object], warmup: int = 3, repeats: int = 20) -> Dict[str, float]:

@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # noqa: E402
 
 from transact_jax.data.feature_log import FeatureLog  # noqa: E402
+from transact_jax.environment import environment  # noqa: E402
 from transact_jax.data.generate import write_synthetic_logs  # noqa: E402
 from transact_jax.data.synthetic import SyntheticConfig  # noqa: E402
 from transact_jax.presets import PAPER_TABLE2, PRESET_NAMES, preset  # noqa: E402
@@ -42,14 +43,6 @@ T_CRIT_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.3
 HEADS = ("repin", "hide")
 PAPER_TABLE4 = {"transact_nal_inbatch": (0.63, -1.90), "transact_nal_imp": (1.10, -2.39)}
 PAPER_TABLE6 = {1e-4: (0.58, -2.09), 1e-3: (0.86, -2.6), 1e-2: (1.10, -2.39), 1e-1: (0.54, -2.39)}
-
-
-def environment() -> Dict[str, object]:
-    from importlib.metadata import version
-    dev = jax.devices()[0]
-    return {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
-            "device_count": jax.device_count(), "jax": jax.__version__, "flax": version("flax"),
-            "optax": version("optax")}
 
 
 class RawStore:
@@ -129,11 +122,11 @@ def markdown(title: str, rows: List[dict], paper: Dict, baseline_label: str, met
     return "\n".join(lines) + "\n"
 
 
-def write(name: str, payload: dict, md: str) -> None:
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+def write(results_dir: str, name: str, payload: dict, md: str) -> None:
+    os.makedirs(results_dir, exist_ok=True)
+    with open(os.path.join(results_dir, f"{name}.json"), "w") as f:
         json.dump(payload, f, indent=2)
-    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+    with open(os.path.join(results_dir, f"{name}.md"), "w") as f:
         f.write(md)
     print(md)
 
@@ -153,11 +146,15 @@ def main(argv=None) -> None:
                     help="per-run results file; runs already in it are not repeated")
     ap.add_argument("--generate-only", action="store_true",
                     help="write the data set and stop (e.g. under JAX_PLATFORMS=cpu on a many-core host)")
-    ap.add_argument("--quick", action="store_true", help="tiny CPU-sized run")
+    ap.add_argument("--results", default=RESULTS, help="where the tables go")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny CPU-sized run; its tables go to a temp dir unless --results is given")
     args = ap.parse_args(argv)
     if args.quick:
         args.train_users, args.eval_users, args.steps, args.batch_size = 1500, 500, 60, 128
         args.raw = ""
+        if args.results == RESULTS:  # never overwrite the committed full-size results
+            args.results = os.path.join(args.data, "results")
     jax.config.update("jax_compilation_cache_dir", os.path.join(args.data, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -197,12 +194,12 @@ def main(argv=None) -> None:
         rows = lift_rows(results, "wide_deep", [n for n in PRESET_NAMES if n != "wide_deep"])
         for r in rows:
             r["examples"] = meta["examples"]
-        write("ablation_table2", {"table": "paper Table 2: HIT@3 lift vs Wide&Deep", **meta,
+        write(args.results, "ablation_table2", {"table": "paper Table 2: HIT@3 lift vs Wide&Deep", **meta,
                                   "rows": rows, "raw": results, "paper": PAPER_TABLE2},
               markdown("Table 2 on synthetic data", rows, PAPER_TABLE2, "Wide&Deep", meta))
     if "4" in tables:
         rows = lift_rows(results, "transact", ["transact_nal_inbatch", "transact_nal_imp"])
-        write("ablation_table4", {"table": "paper Table 4: NAL negatives, lift vs TransAct without NAL",
+        write(args.results, "ablation_table4", {"table": "paper Table 4: NAL negatives, lift vs TransAct without NAL",
                                   **meta, "rows": rows, "paper": PAPER_TABLE4},
               markdown("Table 4 on synthetic data: NAL negative sampling", rows, PAPER_TABLE4,
                        "TransAct (RT) without NAL", meta))
@@ -215,7 +212,7 @@ def main(argv=None) -> None:
         named["transact"] = results["transact"]
         rows = lift_rows(named, "transact", [k for k in named if k != "transact"])
         paper6 = {f"w_nal={w:g}": v for w, v in PAPER_TABLE6.items()}
-        write("ablation_table6", {"table": "paper Table 6: w_NAL sweep (impression negatives), lift vs "
+        write(args.results, "ablation_table6", {"table": "paper Table 6: w_NAL sweep (impression negatives), lift vs "
                                   "TransAct without NAL", **meta, "rows": rows, "paper": paper6},
               markdown("Table 6 on synthetic data: w_NAL sweep", rows, paper6,
                        "TransAct (RT) without NAL", meta))
