@@ -18,7 +18,7 @@ import dataclasses
 from typing import Tuple
 
 SEQUENCE_MODELS = ("none", "bst", "transact")
-ENCODER_IMPLS = ("xla",)  # "skut" (the fused Pallas kernel) arrives with the SKUT kernel
+ENCODER_IMPLS = ("xla", "skut")
 ALL_SEGMENTS = ("ll", "rt_recent", "rt_nn", "imp")
 
 
@@ -38,7 +38,10 @@ class ModelConfig:
       mlp_dims: hidden sizes of the MLP after the cross layers.
       wide: add a per-category linear ("wide") logit per head.
       dtype: compute dtype, "float32" or "bfloat16" (parameters stay float32).
-      encoder_impl: "xla" (``skut_reference`` compiled by XLA); the fused SKUT kernel will add "skut".
+      encoder_impl: "xla" (``skut_reference`` compiled by XLA) or "skut" (the fused Pallas kernel,
+        ``pallas_kernels.skut``; Pallas interpret mode off GPU). SKUT has no dropout: a training step
+        that applies dropout (``dropout > 0``) runs the reference; inference and dropout-free training
+        run the kernel (its backward pass is the reference's autodiff).
     """
 
     sequence_model: str = "transact"

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels.int8_codec import dequantize_int8
+from pallas_kernels.skut import skut
 from pallas_kernels.skut_reference import EncoderWeights, skut_reference
 from transact_jax.config import FeatureConfig, SelectionConfig
 from transact_jax.model.config import ModelConfig
@@ -51,8 +52,9 @@ def _uniform(scale: float):
 class TransformerEncoder(nnx.Module):
     """The encoder's parameters, initialized like ``torch.nn.TransformerEncoderLayer``.
 
-    Forward is :func:`pallas_kernels.skut_reference.skut_reference` on :meth:`weights`, the contract
-    that the fused SKUT kernel (a later milestone) will implement in one Pallas call.
+    Forward is :func:`pallas_kernels.skut_reference.skut_reference` on :meth:`weights`
+    (``encoder_impl="xla"``) or the fused kernel :func:`pallas_kernels.skut.skut`
+    (``encoder_impl="skut"``) whenever no dropout is applied.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -81,6 +83,9 @@ class TransformerEncoder(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array, *, causal: bool,
                  dropout_key: Optional[jax.Array] = None) -> jax.Array:
+        dropout_active = dropout_key is not None and self.cfg.dropout > 0
+        if self.cfg.encoder_impl == "skut" and not dropout_active:
+            return skut(x, mask, self.weights(), num_heads=self.cfg.num_heads, causal=causal)
         return skut_reference(x, mask, self.weights(), num_heads=self.cfg.num_heads, causal=causal,
                               dropout_rate=self.cfg.dropout, dropout_key=dropout_key)
 
