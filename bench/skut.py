@@ -127,13 +127,12 @@ def smem_report(configs, dtype) -> list:
         jax.jit(lambda x, m, w, cfg=cfg: skut(x, m, w, config=cfg)).lower(x, mask, w).compile()
         logged = [int(v) for v in re.findall(r"Shared memory usage: (\d+)", _log_tail())]
         row = {"L": length, "config": cfg.__dict__, "dtype": jnp.dtype(dtype).name,
-               "sm90_shared_bytes": max(logged) if logged else None,
-               "estimate_bytes": skut_mod.smem_estimate(cfg, D, FF, dtype)}
+               "sm90_shared_bytes": max(logged) if logged else None}
         if len(_TTIR) > before:
             row["sm86"] = _sm86_shared(_TTIR[-1], cfg.num_warps, cfg.num_stages)
         out.append(row)
         print(f"  smem L={length} {cfg}: sm90 {row['sm90_shared_bytes']} B, "
-              f"sm86 {row.get('sm86')}, estimate {row['estimate_bytes']} B", flush=True)
+              f"sm86 {row.get('sm86')}", flush=True)
     return out
 
 
@@ -411,11 +410,20 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--results", default=RESULTS)
+    ap.add_argument("--smem-only", action="store_true",
+                    help="re-measure only the shared memory of the shipped configs into an existing skut.json")
     args = ap.parse_args()
     dtype = jnp.dtype(args.dtype).type
     if jax.default_backend() != "gpu":
         sys.exit("bench/skut.py needs a GPU (the kernel is timed compiled, not interpreted)")
     _capture_ttir()
+    if args.smem_only:
+        tag = "" if args.dtype == "bfloat16" else f"_{args.dtype}"
+        with open(os.path.join(RESULTS, f"skut{tag}.json")) as fh:
+            result = json.load(fh)
+        add_shared_memory(result)
+        write_outputs(result, args)
+        return
     try:
         import torch
         torch_ok = torch.cuda.is_available()
@@ -472,18 +480,6 @@ def main() -> None:
             rows.append(r)
     result["table5_L_sweep_B256"] = rows_l
     result["table8_B_sweep_L192"] = rows_b
-
-    shipped = sorted({(L, SkutConfig.default(L, D, dt)) for L in (1, 7, 16, 32, 64, 128, 192, 256, 300, 2048)
-                      for dt in (jnp.bfloat16, jnp.float32)}, key=lambda t: (t[0], str(t[1])))
-    shipped_by_cfg = {}
-    for L, cfg in shipped:            # the longest L per config: the most unrolled tiles
-        shipped_by_cfg[cfg] = max(L, shipped_by_cfg.get(cfg, 0))
-    print("shared memory of the shipped configurations:", flush=True)
-    smem = smem_report([(L, cfg) for cfg, L in shipped_by_cfg.items()], jnp.float32) + \
-        smem_report([(L, cfg) for cfg, L in shipped_by_cfg.items()], jnp.bfloat16)
-    result["shared_memory"] = smem
-    sm86 = [r["sm86"]["shared_bytes"] for r in smem if "shared_bytes" in r.get("sm86", {})]
-    sm90 = [r["sm90_shared_bytes"] for r in smem if r["sm90_shared_bytes"] is not None]
     head_row = next(r for r in rows_l if r["L"] == 192)
     sp = head_row["speedups"]
     result["headline"] = {
@@ -492,25 +488,55 @@ def main() -> None:
         "speedup_vs_xla_B256_L192": sp.get("speedup_vs_xla"),
         "speedup_vs_cudnn_B256_L192": sp.get("speedup_vs_cudnn"),
         "memory_decrease_vs_torch_pct_B256_L192": sp.get("memory_decrease_vs_torch_pct"),
-        "max_smem_bytes_sm86": max(sm86) if sm86 else None,
-        "max_smem_bytes_sm90_triton_report": max(sm90) if sm90 else None,
         "a10g_budget_bytes": A10G_SMEM_BYTES,
         "skut_fraction_of_bf16_matmul_peak_B256_L192": head_row["skut_fraction_of_matmul_peak"],
         "skut_fraction_of_hbm_bandwidth_B256_L192": head_row["skut_fraction_of_hbm_bandwidth"],
     }
+    add_shared_memory(result)
+    write_outputs(result, args)
+
+
+SHIPPED_LENGTHS = (1, 7, 16, 32, 64, 128, 192, 256, 300, 1000, 2048)
+
+
+def add_shared_memory(result: dict) -> None:
+    """Triton's shared memory for every configuration ``SkutConfig.default`` returns (per dtype, at
+    the longest L that uses it), into ``result['shared_memory']`` and the headline."""
+    smem = []
+    print("shared memory of the shipped configurations:", flush=True)
+    for dt in (jnp.float32, jnp.bfloat16, jnp.float16):
+        longest = {}
+        for length in SHIPPED_LENGTHS:
+            longest[SkutConfig.default(length, D, dt)] = length
+        smem += smem_report([(length, cfg) for cfg, length in longest.items()], dt)
+    result["shared_memory"] = smem
+    sm86 = [r["sm86"]["shared_bytes"] for r in smem if "shared_bytes" in r.get("sm86", {})]
+    sm90 = [r["sm90_shared_bytes"] for r in smem if r["sm90_shared_bytes"] is not None]
+    result["headline"]["max_smem_bytes_sm86"] = max(sm86) if len(sm86) == len(smem) else None
+    result["headline"]["max_smem_bytes_sm90_triton_report"] = max(sm90) if sm90 else None
+
+
+def write_outputs(result: dict, args) -> None:
+    rows_l, rows_b = result["table5_L_sweep_B256"], result["table8_B_sweep_L192"]
     os.makedirs(args.results, exist_ok=True)
     tag = "" if args.dtype == "bfloat16" else f"_{args.dtype}"
     with open(os.path.join(args.results, f"skut{tag}.json"), "w") as fh:
         json.dump(result, fh, indent=1, default=str)
+    head = result["headline"]
     md = ["# SKUT vs PyTorch memory-efficient TransformerEncoder", "",
-          f"Device: {result['headline']['device']}; dtype {args.dtype}; {result['timing']}.", "",
+          f"Device: {head['device']}; dtype {args.dtype}; {result['timing']}.", "",
           "## Table 5 (B = 256)", "", paper_table(rows_l, "L", PAPER_T5, "L")]
     if rows_b:
         md += ["", "## Table 8 (L = 192)", "", paper_table(rows_b, "B", PAPER_T8, "B")]
-    md += ["", f"Shared memory per block: max {result['headline']['max_smem_bytes_sm86']} B (sm_86), "
-           f"{result['headline']['max_smem_bytes_sm90_triton_report']} B (sm_90a, Triton's report); "
-           f"A10G budget {A10G_SMEM_BYTES} B.", "",
-           f"Headline: {json.dumps(result['headline'])}"]
+    md += ["", "## Shared memory per block (shipped configurations)", "",
+           "| dtype | L | config | sm_86 (B) | sm_90a (B) |", "| --- | --- | --- | --- | --- |"]
+    for r in result["shared_memory"]:
+        c = r["config"]
+        md.append(f"| {r['dtype']} | {r['L']} | {c['block_q']}/{c['block_k']} rows, {c['num_warps']} warps, "
+                  f"{c['num_stages']} stages, {'resident' if c['resident'] else 'streaming'} "
+                  f"| {r.get('sm86', {}).get('shared_bytes', r.get('sm86'))} | {r['sm90_shared_bytes']} |")
+    md += ["", f"Max: {head['max_smem_bytes_sm86']} B (sm_86), {head['max_smem_bytes_sm90_triton_report']} B "
+           f"(sm_90a); A10G budget {A10G_SMEM_BYTES} B.", "", f"Headline: {json.dumps(head)}"]
     with open(os.path.join(args.results, f"skut{tag}.md"), "w") as fh:
         fh.write("\n".join(md) + "\n")
     plot(rows_l, rows_b, os.path.join(args.results, f"skut{tag}.png"))

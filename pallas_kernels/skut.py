@@ -41,9 +41,9 @@ products (not TF32), like the reference under ``precision="highest"``. The flash
 which moves bf16 results by about one bf16 ulp.
 
 Shared memory (the A10G budget, 101,376 B per block): Triton stages the operands of each ``dot``
-through shared memory; nothing else is allocated there. :func:`smem_estimate` gives an upper bound
-from the tile sizes, and ``bench/skut.py`` reports the figure Triton itself prints for the compiled
-kernel on the GPU machine.
+through shared memory; nothing else is allocated there. ``bench/skut.py`` reports, for every
+configuration :meth:`SkutConfig.default` can return, the figure Triton reports for the compiled kernel
+(sm_90a, on the GPU machine) and for the same Triton IR compiled for sm_86.
 """
 from __future__ import annotations
 
@@ -119,33 +119,18 @@ class SkutConfig:
     def default(cls, length: int, d_model: int = 64, dtype=jnp.bfloat16) -> "SkutConfig":
         """Heuristic per shape (tuned on an H100 with ``bench/skut.py --tune``).
 
-        64-row tiles (32 for float32, whose operand tiles are twice as large), never larger than the
+        64-row tiles (16 for float32: its operand tiles are twice as large, and 32-row float32 tiles
+        take 106,496 B of shared memory, over the A10G budget), never larger than the
         power-of-two rounded sequence, so L = 7 does not compute a 64-row tile that is mostly
-        masked; the resident variant while the sequence is at most 4 tiles, streaming beyond.
+        masked; 4 warps, no pipelining; the streaming variant. On an H100 at B = 256 (bf16) the
+        streaming variant with 64-row tiles and 4 warps was the fastest of 18 configurations at
+        L = 192 (86 us; the resident variant 188 us: its unrolled tiles spill registers) and within
+        noise of the best at L = 64 (``bench/results/skut_tune_log.txt``).
         """
         del d_model
-        cap = 32 if jnp.dtype(dtype) == jnp.float32 else 64
+        cap = 16 if jnp.dtype(dtype) == jnp.float32 else 64
         block = max(16, min(cap, _next_pow2(max(length, 1))))
-        resident = -(-length // block) <= 4
-        return cls(block_q=block, block_k=block, num_warps=4, num_stages=1, resident=resident)
-
-
-def smem_estimate(config: SkutConfig, d_model: int, ff_dim: int, dtype) -> int:
-    """Upper bound (bytes) on the shared memory Triton can allocate for one SKUT block.
-
-    Triton stages ``dot`` operands (and layout conversions) through shared memory and reuses the
-    allocation between dots whose live ranges do not overlap. Bounding it by the sum of the operand
-    tiles of the two largest concurrently live dots of the key loop (Q K^T and P V with their K / V
-    projections) plus those of the epilogue, each with ``num_stages`` copies, over-counts rather than
-    under-counts. ``bench/skut.py`` prints Triton's own figure next to this one.
-    """
-    item = jnp.dtype(dtype).itemsize
-    bq, bk, d, f = config.block_q, config.block_k, d_model, ff_dim
-    key_loop = (bk * d + 2 * d * d          # key rows and W_k, W_v
-                + bq * d + bk * d           # Q and K for Q K^T
-                + bq * bk + bk * d)         # P and V for P V
-    epilogue = bq * d + 2 * d * d + bq * d + d * f + bq * f + f * d
-    return int(item * (config.num_stages * key_loop + epilogue))
+        return cls(block_q=block, block_k=block, num_warps=4, num_stages=1, resident=False)
 
 
 def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -202,7 +187,7 @@ class _Layer:
     ln2_b: jax.Array
 
 
-def _load_layer(refs, layer: int, num_heads: int) -> _Layer:
+def _load_layer(refs, layer: int, num_heads: int, cdt) -> _Layer:
     (w_qkv, b_qkv, w_o, b_o, ln1_s, ln1_b, w_1, b_1, w_2, b_2, ln2_s, ln2_b) = refs
     d = w_qkv.shape[1]
     f = w_1.shape[-1]
@@ -212,7 +197,7 @@ def _load_layer(refs, layer: int, num_heads: int) -> _Layer:
         return ref[layer, pl.ds(start, size)].astype(jnp.float32)
 
     def cols(ref, col0, ncols):
-        return ref[layer, :, pl.ds(col0, ncols)]
+        return ref[layer, :, pl.ds(col0, ncols)].astype(cdt)
 
     heads = range(num_heads)
     return _Layer(
@@ -222,9 +207,10 @@ def _load_layer(refs, layer: int, num_heads: int) -> _Layer:
         bq=[vec(b_qkv, h * dh, dh) for h in heads],
         bk=[vec(b_qkv, d + h * dh, dh) for h in heads],
         bv=[vec(b_qkv, 2 * d + h * dh, dh) for h in heads],
-        wo=[w_o[layer, pl.ds(h * dh, dh), :] for h in heads],
+        wo=[w_o[layer, pl.ds(h * dh, dh), :].astype(cdt) for h in heads],
         b_o=vec(b_o, 0, d), ln1_s=vec(ln1_s, 0, d), ln1_b=vec(ln1_b, 0, d),
-        w_1=w_1[layer], b_1=vec(b_1, 0, f), w_2=w_2[layer], b_2=vec(b_2, 0, d),
+        w_1=w_1[layer].astype(cdt), b_1=vec(b_1, 0, f), w_2=w_2[layer].astype(cdt),
+        b_2=vec(b_2, 0, d),
         ln2_s=vec(ln2_s, 0, d), ln2_b=vec(ln2_b, 0, d))
 
 
@@ -303,7 +289,7 @@ def _resident_body(x_ref, mask_ref, weight_refs, out_ref, *, num_layers, num_hea
     tiles = [_load_rows(x_ref, t * block, block, length) for t in range(num_tiles)]
     key_ok = [_load_key_ok(mask_ref, t * block, block, length) for t in range(num_tiles)]
     for layer in range(num_layers):
-        w = _load_layer(weight_refs, layer, num_heads)
+        w = _load_layer(weight_refs, layer, num_heads, x_ref.dtype)
         heads_out = [[] for _ in range(num_tiles)]
         for h in range(num_heads):
             qs = [_project(x, w.wq[h], w.bq[h]) for x in tiles]
@@ -332,7 +318,7 @@ def _streaming_body(x_ref, mask_ref, weight_refs, out_ref, scratch_refs, *, num_
     reads = [x_ref] + writes[:-1]
     for layer in range(num_layers):
         src, dst = reads[layer], writes[layer]
-        w = _load_layer(weight_refs, layer, num_heads)
+        w = _load_layer(weight_refs, layer, num_heads, x_ref.dtype)
 
         def query_tile(i, carry, src=src, dst=dst, w=w):
             q0 = i * block_q
@@ -448,9 +434,11 @@ def _skut_forward(x: jax.Array, mask: jax.Array, weights: EncoderWeights, *, num
     config.check_length(length)
     interpret = _default_interpret() if interpret is None else interpret
     cdt = x.dtype
-    mask_i = mask.astype(jnp.int32)
-    mats = [w.astype(cdt) for w in (weights.w_qkv, weights.w_o, weights.w_1, weights.w_2)]
-    vecs = [w.astype(jnp.float32) for w in (weights.b_qkv, weights.b_o, weights.ln1_scale,
+    mask_i = mask if mask.dtype in (jnp.int8, jnp.int32) else mask.astype(jnp.int8)
+    # Weights go in as they are (the kernel casts matrices to the compute dtype in registers), so
+    # the jitted call is the kernel plus at most a dtype conversion of the mask.
+    mats = [weights.w_qkv, weights.w_o, weights.w_1, weights.w_2]
+    vecs = [w for w in (weights.b_qkv, weights.b_o, weights.ln1_scale,
                                             weights.ln1_bias, weights.b_1, weights.b_2,
                                             weights.ln2_scale, weights.ln2_bias)]
     w_qkv, w_o, w_1, w_2 = mats
