@@ -1,0 +1,324 @@
+"""Fused, broadcast-free int8 NN search in one Pallas (Triton backend) kernel (paper §3.4.2).
+
+Computes exactly :func:`pallas_kernels.nn_search_reference.nn_search_reference` (SPEC §2): for every
+candidate, the K tokens of its request's sequence with the highest cosine score, ties to the lower
+index, padding never selected, returned in chronological order with ``-1`` / ``-inf`` padding.
+
+Inputs are de-duplicated: one copy of each request's int8 sequence (jagged, ``offsets``) and a
+candidate -> request index, so no sequence is ever broadcast per candidate. The kernel reads the
+int8 codes directly; dequantization, L2 normalization and scoring happen in registers, and neither
+the dequantized sequence nor the candidates x L score matrix is written to memory.
+
+Work decomposition
+------------------
+Candidates are grouped by request (a stable argsort of ``cand_to_req``) into blocks of
+``block_c`` rows that all belong to one request; program ``p`` owns block ``p`` (the grid has the
+static upper bound ``ceil(N / block_c) + U`` blocks; surplus programs find an empty block and
+exit their loops at once). A program walks its request's tokens in tiles of ``block_t``; the trip
+count is the request's own length, so short sequences cost little.
+
+In-kernel top-K without sort (Triton has no sort / top_k lowering): exact radix select
+-----------------------------------------------------------------------------------------
+Scores are mapped to int32 keys whose signed order is the float order (``bits`` for s >= 0,
+``bits ^ 0x7fffffff`` for s < 0; -0.0 is first turned into +0.0). The K-th largest key T* of each
+candidate row is found digit by digit, 4 bits per pass from the top: with the prefix ``P`` fixed so
+far, a pass re-scores all tokens and counts, for each digit ``d`` in 1..15, how many keys are
+``>= P + d * 16^shift``; the largest digit whose count is still >= K extends the prefix. Eight passes
+give T* exactly (the counts of the digit above give, at the end, the number of keys > T*). A ninth
+pass selects ``key > T*`` plus the first ``K - #(key > T*)`` tokens with ``key == T*`` in index
+order (so exact ties go to the lower index, as in ``lax.top_k``), and writes each selected token to
+output slot ``running count + prefix sum within the tile``: chronological order falls out of the
+scan order, no sort needed. Slots past the number of selected tokens get ``-1`` / ``-inf``.
+
+A row with fewer than K valid tokens never finds a digit (every count < K), keeps T* = INT32_MIN,
+which no valid key equals, and selects all its valid tokens.
+
+Cost: 9 passes of (32 multiply-adds for the score + ~30 integer ops for the counts) per (candidate,
+token); the int8 sequence of a request (32 B per token) is re-read from L2 on every pass, never the
+candidates x L scores.
+
+Numerics: scores are float32 with IEEE float32 products (no TF32): a token's score is computed by
+the same instruction sequence wherever it sits, so duplicate tokens tie exactly. Against the
+float64 brute force, selections agree except between tokens whose scores are within float32
+rounding (~1e-6) of the K-th score: the "near-tie band" the tests document.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.int8_codec import QUANT_MAX, QUANT_SCALE
+from pallas_kernels.nn_search_reference import PAD_INDEX, nn_search_reference
+
+MAX_K = 128
+"""Largest K the kernel supports."""
+_RADIX_BITS = 4
+_INT32_MIN = -(2 ** 31)
+_NORM_EPS = 1e-12
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class NNSearchConfig:
+    """Tiling of the NN-search kernel.
+
+    Attributes:
+      block_c: candidates per program, all from one request (power of two, >= 16).
+      block_t: sequence tokens per tile (power of two, >= 16).
+      num_warps: warps per program (Triton).
+      num_stages: software-pipelining stages of the token loops (Triton).
+    """
+
+    block_c: int = 16
+    block_t: int = 64
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("block_c", "block_t"):
+            value = getattr(self, name)
+            if not _is_pow2(value) or value < 16:
+                raise ValueError(f"NNSearchConfig.{name}: expected a power of two >= 16, got {value}")
+        if not _is_pow2(self.num_warps) or self.num_warps > 16:
+            raise ValueError(f"NNSearchConfig.num_warps: expected 1, 2, 4, 8 or 16, got {self.num_warps}")
+        if self.num_stages < 1:
+            raise ValueError(f"NNSearchConfig.num_stages: expected >= 1, got {self.num_stages}")
+
+
+def _wrap_int32(value: int) -> jax.Array:
+    return jnp.int32(((value + 2 ** 31) % 2 ** 32) - 2 ** 31)
+
+
+def _score_keys(c_norm, seq_ref, start, t0, block_t: int, length, scale: float):
+    """Scores (block_c, block_t) of the candidates against tokens ``[t0, t0 + block_t)`` of the
+    sequence starting at row ``start`` of ``seq_ref``, and their order-preserving int32 keys."""
+    pos = t0 + jnp.arange(block_t)
+    valid = pos < length
+    codes = plgpu.load(seq_ref.at[pl.ds(start + t0, block_t), :], mask=valid[:, None], other=0)
+    x = codes.astype(jnp.float32) * (scale / QUANT_MAX)
+    norm = jnp.sqrt(jnp.sum(x * x, axis=1, keepdims=True))
+    x = x / jnp.maximum(norm, _NORM_EPS)
+    s = jnp.dot(c_norm, x.T, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
+    s = s + 0.0                                     # -0.0 -> +0.0: equal floats, equal keys
+    bits = lax.bitcast_convert_type(s, jnp.int32)
+    keys = jnp.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return s, keys, pos, valid
+
+
+def _nn_search_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
+                      perm_ref, seq_ref, cand_ref, idx_ref, score_ref, *, k: int, k_pad: int,
+                      block_c: int, block_t: int, scale: float, trash: bool):
+    p = pl.program_id(0)
+    req = block_req_ref[p]
+    row0 = block_row_ref[p]
+    count = block_cnt_ref[p]                        # 0 for surplus programs
+    has_req = count > 0
+    safe_req = jnp.where(has_req, req, 0)
+    start = offsets_ref[safe_req]
+    length = jnp.where(has_req, lengths_ref[safe_req], 0)
+    num_tiles = lax.div(length + block_t - 1, block_t)
+
+    rows = jnp.arange(block_c)
+    row_ok = rows < count
+    cand_rows = plgpu.load(perm_ref.at[pl.ds(row0, block_c)], mask=row_ok, other=0)
+    d = cand_ref.shape[1]
+    c = plgpu.load(cand_ref.at[cand_rows[:, None], jnp.arange(d)[None, :]], mask=row_ok[:, None],
+                   other=0).astype(jnp.float32)
+    c_norm = c / jnp.maximum(jnp.sqrt(jnp.sum(c * c, axis=1, keepdims=True)), _NORM_EPS)
+
+    # ---- radix select of the K-th largest key per row (see the module docstring)
+    prefix = jnp.full((block_c,), _INT32_MIN, jnp.int32)
+    count_above = jnp.zeros((block_c,), jnp.int32)    # #keys >= prefix + 16 ** (shift + 1)
+    digits = 1 << _RADIX_BITS
+    for shift in range(32 - _RADIX_BITS, -1, -_RADIX_BITS):
+        # int32 wrap-around is intended: prefix + d * 16**shift always lands inside int32
+        thresholds = [prefix + _wrap_int32(d << shift) for d in range(1, digits)]
+
+        def count_tile(t, counts, thresholds=thresholds):
+            _, keys, _, valid = _score_keys(c_norm, seq_ref, start, t * block_t, block_t, length,
+                                            scale)
+            return tuple(cnt + jnp.sum((valid[None, :] & (keys >= th[:, None])).astype(jnp.int32),
+                                       axis=1)
+                         for cnt, th in zip(counts, thresholds))
+
+        counts = lax.fori_loop(0, num_tiles, count_tile,
+                               tuple(jnp.zeros((block_c,), jnp.int32) for _ in thresholds))
+        counts = list(counts) + [count_above]           # counts[d - 1] = #keys >= prefix + d*16^shift
+        digit = jnp.zeros((block_c,), jnp.int32)
+        next_above = counts[0]
+        for d in range(1, digits):
+            take = counts[d - 1] >= k
+            digit = jnp.where(take, d, digit)
+            next_above = jnp.where(take, counts[d], next_above)
+        prefix = prefix + (digit << shift)
+        count_above = next_above
+    # prefix == T*, count_above == #keys > T* (rows with < K valid tokens: T* = INT32_MIN)
+    need_ties = k - count_above
+
+    # ---- selection pass: write selected tokens in scan (chronological) order
+    # Scatter targets. Compiled, masked-off lanes store nothing. Interpret mode emulates a masked
+    # scatter by writing the old value back, so there every masked-off lane gets its own spare
+    # target (rows past N, columns past k) that the wrapper slices away.
+    n_out = idx_ref.shape[0] - (block_c if trash else 0)
+    out_rows = jnp.where(row_ok, cand_rows, n_out + rows if trash else 0)[:, None]
+
+    def select_tile(t, carry):
+        written, ties_seen = carry
+        s, keys, pos, valid = _score_keys(c_norm, seq_ref, start, t * block_t, block_t, length, scale)
+        gt = valid[None, :] & (keys > prefix[:, None])
+        eq = (valid[None, :] & (keys == prefix[:, None])).astype(jnp.int32)
+        tie_rank = ties_seen[:, None] + jnp.cumsum(eq, axis=1)
+        sel = gt | ((eq > 0) & (tie_rank <= need_ties[:, None]))
+        sel = sel & row_ok[:, None]
+        sel_i = sel.astype(jnp.int32)
+        slot = written[:, None] + jnp.cumsum(sel_i, axis=1) - 1
+        slot = jnp.where(sel, slot, (k + jnp.arange(block_t))[None, :] if trash else 0)
+        idx_vals = jnp.broadcast_to(pos[None, :], sel.shape).astype(jnp.int32)
+        plgpu.store(idx_ref.at[out_rows, slot], idx_vals, mask=sel)
+        plgpu.store(score_ref.at[out_rows, slot], s, mask=sel)
+        return written + jnp.sum(sel_i, axis=1), ties_seen + jnp.sum(eq, axis=1)
+
+    zeros = jnp.zeros((block_c,), jnp.int32)
+    written, _ = lax.fori_loop(0, num_tiles, select_tile, (zeros, zeros))
+    # padding slots: [written, k); disjoint from the slots stored above, so no ordering needed
+    cols = jnp.arange(k_pad)
+    pad = row_ok[:, None] & (cols[None, :] >= written[:, None]) & (cols[None, :] < k)
+    if trash:   # spare columns k.. for masked lanes (block_t >= k_pad - k is ensured by the wrapper)
+        cols_t = jnp.where(pad, cols[None, :], k + cols[None, :])
+    else:
+        cols_t = jnp.broadcast_to(jnp.where(cols < k, cols, 0)[None, :], pad.shape)
+    plgpu.store(idx_ref.at[out_rows, cols_t], jnp.full((block_c, k_pad), PAD_INDEX, jnp.int32),
+                mask=pad)
+    plgpu.store(score_ref.at[out_rows, cols_t], jnp.full((block_c, k_pad), -jnp.inf, jnp.float32),
+                mask=pad)
+
+
+def _block_table(cand_to_req: jax.Array, num_req: int, block_c: int, num_blocks: int):
+    """Blocks of <= block_c candidates of one request, in request order.
+
+    Returns (perm, block_req, block_row, block_cnt): ``perm`` lists candidate ids grouped by request
+    (stable); block ``b`` covers ``perm[block_row[b] : block_row[b] + block_cnt[b]]``, all of request
+    ``block_req[b]``; surplus blocks have ``block_cnt == 0``.
+    """
+    perm = jnp.argsort(cand_to_req, stable=True).astype(jnp.int32)
+    counts = jnp.bincount(cand_to_req, length=num_req).astype(jnp.int32)
+    first = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts)[:-1].astype(jnp.int32)])
+    blocks_per_req = (counts + block_c - 1) // block_c
+    block_end = jnp.cumsum(blocks_per_req)
+    b = jnp.arange(num_blocks, dtype=jnp.int32)
+    req = jnp.searchsorted(block_end, b, side="right").astype(jnp.int32)
+    live = req < num_req
+    req_c = jnp.minimum(req, num_req - 1)
+    j = b - (block_end[req_c] - blocks_per_req[req_c])             # block number within the request
+    row = first[req_c] + j * block_c
+    cnt = jnp.clip(counts[req_c] - j * block_c, 0, block_c)
+    return perm, jnp.where(live, req_c, 0), jnp.where(live, row, 0), jnp.where(live, cnt, 0)
+
+
+def _validate(seq_q, offsets, lengths, cand, cand_to_req, k: int) -> None:
+    if seq_q.ndim != 2 or seq_q.dtype != jnp.int8:
+        raise ValueError(f"seq_q: expected (T, D) int8 codes, got {seq_q.shape} {seq_q.dtype}")
+    d = seq_q.shape[1]
+    if not _is_pow2(d) or d < 16:
+        raise ValueError(f"seq_q: embedding width must be a power of two >= 16, got {d}")
+    if cand.ndim != 2 or cand.shape[1] != d or not jnp.issubdtype(cand.dtype, jnp.floating):
+        raise ValueError(f"cand: expected (N, {d}) float, got {cand.shape} {cand.dtype}")
+    if cand_to_req.shape != cand.shape[:1] or not jnp.issubdtype(cand_to_req.dtype, jnp.integer):
+        raise ValueError(f"cand_to_req: expected ({cand.shape[0]},) int, got {cand_to_req.shape} "
+                         f"{cand_to_req.dtype}")
+    if offsets.ndim != 1 or lengths.shape != offsets.shape:
+        raise ValueError(f"offsets/lengths: expected two (U,) arrays, got {offsets.shape} and "
+                         f"{lengths.shape}")
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"k: expected 1 <= k <= {MAX_K}, got {k}")
+
+
+def _default_interpret() -> bool:
+    return jax.default_backend() != "gpu"
+
+
+@functools.partial(jax.jit, static_argnames=("k", "scale", "config", "interpret"))
+def nn_search_jagged(seq_q: jax.Array, offsets: jax.Array, lengths: jax.Array, cand: jax.Array,
+                     cand_to_req: jax.Array, *, k: int, scale: float = QUANT_SCALE,
+                     config: Optional[NNSearchConfig] = None,
+                     interpret: Optional[bool] = None) -> Tuple[jax.Array, jax.Array]:
+    """NN(S, c; K) on de-duplicated jagged sequences.
+
+    Args:
+      seq_q: (T, D) int8 codes of all requests' tokens, concatenated.
+      offsets: (U,) int first row of each request's sequence in ``seq_q``.
+      lengths: (U,) int number of tokens of each request (0 allowed); rows
+        ``[offsets[u], offsets[u] + lengths[u])`` must lie inside ``seq_q``.
+      cand: (N, D) float candidate embeddings.
+      cand_to_req: (N,) int request of each candidate, in ``[0, U)``.
+      k: K (1..128). scale: int8 scale (0.65).
+
+    Returns:
+      (indices (N, k) int32, scores (N, k) float32): positions within the request's sequence, in
+      chronological order, ``-1`` / ``-inf`` padding, exactly as ``nn_search_reference``.
+    """
+    _validate(seq_q, offsets, lengths, cand, cand_to_req, k)
+    config = config or NNSearchConfig()
+    interpret = _default_interpret() if interpret is None else interpret
+    n = cand.shape[0]
+    num_req = offsets.shape[0]
+    if n == 0:
+        return jnp.zeros((0, k), jnp.int32), jnp.zeros((0, k), jnp.float32)
+    num_blocks = -(-n // config.block_c) + num_req
+    perm, block_req, block_row, block_cnt = _block_table(cand_to_req.astype(jnp.int32), num_req,
+                                                         config.block_c, num_blocks)
+    # Keep every tile load inside the array: pad the token rows by one tile (masked, never read).
+    seq_pad = jnp.pad(seq_q, ((0, config.block_t), (0, 0)))
+    perm_pad = jnp.pad(perm, (0, config.block_c))
+    k_pad = 1 << (k - 1).bit_length()
+    trash = bool(interpret)
+    kernel = functools.partial(_nn_search_kernel, k=k, k_pad=k_pad, block_c=config.block_c,
+                               block_t=config.block_t, scale=scale, trash=trash)
+    out_rows = n + (config.block_c if trash else 0)
+    out_cols = k + (max(config.block_t, k_pad) if trash else 0)
+    idx, scores = pl.pallas_call(
+        kernel,
+        grid=(num_blocks,),
+        out_shape=(jax.ShapeDtypeStruct((out_rows, out_cols), jnp.int32),
+                   jax.ShapeDtypeStruct((out_rows, out_cols), jnp.float32)),
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                             num_stages=config.num_stages),
+        interpret=interpret,
+        name="nn_search",
+    )(block_req, block_row, block_cnt, offsets.astype(jnp.int32), lengths.astype(jnp.int32),
+      perm_pad, seq_pad, cand)
+    if trash:
+        idx, scores = idx[:n, :k], scores[:n, :k]
+    return idx, scores
+
+
+def nn_search(seq_q: jax.Array, lengths: jax.Array, cand: jax.Array, cand_to_req: jax.Array, *,
+              k: int, scale: float = QUANT_SCALE, impl: Literal["pallas", "xla"] = "pallas",
+              config: Optional[NNSearchConfig] = None,
+              interpret: Optional[bool] = None) -> Tuple[jax.Array, jax.Array]:
+    """Dense-layout entry point with the reference's signature: ``seq_q`` (U, L, D) int8 with
+    ``lengths`` (U,). ``impl="xla"`` runs :func:`nn_search_reference`."""
+    if impl == "xla":
+        return nn_search_reference(seq_q, lengths, cand, cand_to_req, k=k, scale=scale)
+    if impl != "pallas":
+        raise ValueError(f"impl: expected 'pallas' or 'xla', got {impl!r}")
+    if seq_q.ndim != 3:
+        raise ValueError(f"seq_q: expected (U, L, D) int8, got shape {seq_q.shape}")
+    u, length, d = seq_q.shape
+    offsets = jnp.arange(u, dtype=jnp.int32) * length
+    lens = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, length)
+    return nn_search_jagged(seq_q.reshape(u * length, d), offsets, lens, cand, cand_to_req, k=k,
+                            scale=scale, config=config, interpret=interpret)
+
+
+__all__ = ["MAX_K", "NNSearchConfig", "nn_search", "nn_search_jagged"]
