@@ -30,20 +30,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
-import tempfile
 
-_LOG = None
 if __name__ == "__main__":
-    # Triton's shared-memory report is an XLA VLOG on stderr: turn it on before jax starts and send
-    # stderr to a file we can read back after each compile.
-    os.environ.setdefault("TF_CPP_VMODULE", "xtile_compiler=2")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
-    _LOG = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-    _saved_stderr = os.dup(2)
-    os.dup2(_LOG.fileno(), 2)
-    sys.stderr = os.fdopen(_saved_stderr, "w", buffering=1)
+    import _smem
+    _smem.start_log()   # before jax starts: Triton's shared-memory report is an XLA log line
 
 import json  # noqa: E402
 import time  # noqa: E402
@@ -52,6 +43,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import _smem  # noqa: E402
 from _env import RESULTS, environment  # noqa: E402
 from pallas_kernels import skut as skut_mod  # noqa: E402
 from pallas_kernels.skut import A10G_SMEM_BYTES, SkutConfig, skut  # noqa: E402
@@ -67,53 +59,6 @@ PAPER_T8 = {16: (60.36, 1.34), 32: (65.96, 3.20), 64: (76.79, 4.45), 128: (82.79
 CALLS_PER_SAMPLE = 10
 
 
-# ----------------------------------------------------------------------------- shared-memory figures
-def _log_tail() -> str:
-    if _LOG is None:
-        return ""
-    _LOG.flush()
-    with open(_LOG.name) as fh:
-        fh.seek(_log_tail.pos)
-        text = fh.read()
-        _log_tail.pos = fh.tell()
-    return text
-
-
-_log_tail.pos = 0
-_TTIR: list = []
-
-
-def _capture_ttir() -> None:
-    """Record the Triton IR of every Pallas kernel lowered from now on (for the sm_86 compile)."""
-    from jax._src.pallas.triton import pallas_call_registration as reg
-    original = reg.lowering.lower_jaxpr_to_triton_module
-
-    def wrapped(*args, **kwargs):
-        result = original(*args, **kwargs)
-        _TTIR.append(result.module.operation.get_asm(enable_debug_info=False))
-        return result
-
-    reg.lowering.lower_jaxpr_to_triton_module = wrapped
-
-
-def _sm86_shared(ttir: str, num_warps: int, num_stages: int) -> dict:
-    """Compile Triton IR with the ``triton`` package for sm_86; its ``shared`` metadata in bytes."""
-    try:
-        import triton
-        from triton.backends.compiler import GPUTarget
-    except Exception as exc:  # noqa: BLE001
-        return {"error": f"triton not importable: {exc!r}"}
-    with tempfile.NamedTemporaryFile("w", suffix=".ttir", delete=False) as fh:
-        fh.write(ttir)
-        path = fh.name
-    try:
-        compiled = triton.compile(path, target=GPUTarget("cuda", 86, 32),
-                                  options={"num_warps": num_warps, "num_stages": num_stages})
-        return {"shared_bytes": int(compiled.metadata.shared), "triton": triton.__version__}
-    except Exception as exc:  # noqa: BLE001
-        return {"error": repr(exc)[:600]}
-
-
 def smem_report(configs, dtype) -> list:
     """Triton's shared memory for each (L, config): the sm_90a figure XLA logs, and sm_86."""
     out = []
@@ -122,14 +67,9 @@ def smem_report(configs, dtype) -> list:
     for length, cfg in configs:
         x = jax.random.normal(key, (2, length, D), dtype)
         mask = jnp.ones((2, length), bool)
-        _log_tail()
-        before = len(_TTIR)
-        jax.jit(lambda x, m, w, cfg=cfg: skut(x, m, w, config=cfg)).lower(x, mask, w).compile()
-        logged = [int(v) for v in re.findall(r"Shared memory usage: (\d+)", _log_tail())]
+        fn = jax.jit(lambda x, m, w, cfg=cfg: skut(x, m, w, config=cfg))
         row = {"L": length, "config": cfg.__dict__, "dtype": jnp.dtype(dtype).name,
-               "sm90_shared_bytes": max(logged) if logged else None}
-        if len(_TTIR) > before:
-            row["sm86"] = _sm86_shared(_TTIR[-1], cfg.num_warps, cfg.num_stages)
+               **_smem.measure(lambda: fn.lower(x, mask, w).compile(), cfg.num_warps, cfg.num_stages)}
         out.append(row)
         print(f"  smem L={length} {cfg}: sm90 {row['sm90_shared_bytes']} B, "
               f"sm86 {row.get('sm86')}", flush=True)
@@ -416,7 +356,7 @@ def main() -> None:
     dtype = jnp.dtype(args.dtype).type
     if jax.default_backend() != "gpu":
         sys.exit("bench/skut.py needs a GPU (the kernel is timed compiled, not interpreted)")
-    _capture_ttir()
+    _smem.capture_ttir()
     if args.smem_only:
         tag = "" if args.dtype == "bfloat16" else f"_{args.dtype}"
         with open(os.path.join(RESULTS, f"skut{tag}.json")) as fh:
