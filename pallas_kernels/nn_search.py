@@ -17,25 +17,39 @@ static upper bound ``ceil(N / block_c) + U`` blocks; surplus programs find an em
 exit their loops at once). A program walks its request's tokens in tiles of ``block_t``; the trip
 count is the request's own length, so short sequences cost little.
 
-In-kernel top-K without sort (Triton has no sort / top_k lowering): exact radix select
------------------------------------------------------------------------------------------
+In-kernel top-K without sort (Triton has no sort / top_k lowering)
+-----------------------------------------------------------------
 Scores are mapped to int32 keys whose signed order is the float order (``bits`` for s >= 0,
-``bits ^ 0x7fffffff`` for s < 0; -0.0 is first turned into +0.0). The K-th largest key T* of each
-candidate row is found digit by digit, 4 bits per pass from the top: with the prefix ``P`` fixed so
-far, a pass re-scores all tokens and counts, for each digit ``d`` in 1..15, how many keys are
-``>= P + d * 16^shift``; the largest digit whose count is still >= K extends the prefix. Eight passes
-give T* exactly (the counts of the digit above give, at the end, the number of keys > T*). A ninth
-pass selects ``key > T*`` plus the first ``K - #(key > T*)`` tokens with ``key == T*`` in index
-order (so exact ties go to the lower index, as in ``lax.top_k``), and writes each selected token to
-output slot ``running count + prefix sum within the tile``: chronological order falls out of the
-scan order, no sort needed. Slots past the number of selected tokens get ``-1`` / ``-inf``.
+``bits ^ 0x7fffffff`` for s < 0; -0.0 is first turned into +0.0), so "top K by score, ties to the
+lower index" is "top K by (key, -index)". Per candidate row:
+
+1. **Bound** (one pass over the tokens). Token ``i`` falls in bin ``i % W`` of ``W >= 2K`` bins (W is
+   the tile width); the running per-bin maximum is an elementwise ``max`` of tiles. The K-th largest
+   of the W bin maxima, ``T_lo``, is the score of K distinct tokens, so at least K tokens score
+   ``>= T_lo``, and on typical data few more do (about 1.3 K).
+2. **Collect** (one pass). Tokens with ``key >= T_lo`` are appended, in index order, to a small
+   per-row buffer (``survivors`` entries: key and index); slots come from a running count plus a
+   prefix sum (``cumsum``) within the tile, written with a masked scatter store.
+3. **Select** (registers). The exact K-th largest key T* among the survivors is found by radix
+   select, 4 bits per step from the top: with the prefix fixed so far, count the keys ``>= prefix
+   + d * 16**shift`` for d = 1..15 and extend the prefix by the largest digit whose count is still
+   >= K; eight steps give T*, and the count above the chosen digit gives #(key > T*). The output is
+   ``key > T*`` plus the first ``K - #(key > T*)`` survivors with ``key == T*`` (they are in index
+   order, so exact ties go to the lower index, as in ``lax.top_k``), each written to slot "running
+   count + prefix sum": chronological order falls out of the scan order, no sort needed. Slots past
+   the number of selected tokens get ``-1`` / ``-inf``.
+4. **Fallback.** If a row of the block has more survivors than the buffer (many equal or
+   near-equal scores, e.g. a zero candidate), the block runs the same radix select over the whole
+   sequence instead, re-scoring all tokens on each of the eight steps, then a selection pass. Exact,
+   just slower; the loops have zero trips otherwise.
 
 A row with fewer than K valid tokens never finds a digit (every count < K), keeps T* = INT32_MIN,
 which no valid key equals, and selects all its valid tokens.
 
-Cost: 9 passes of (32 multiply-adds for the score + ~30 integer ops for the counts) per (candidate,
-token); the int8 sequence of a request (32 B per token) is re-read from L2 on every pass, never the
-candidates x L scores.
+Every pass scores tokens with the same tile shape, so a token's key is bit-identical in every pass
+(a bound computed in pass 1 is exact in pass 2). Global-memory traffic per program: its request's
+int8 sequence twice (32 B per token per pass, from L2 for all but the first program of a request),
+the survivor buffer, and the outputs; never a score matrix.
 
 Numerics: scores are float32 with IEEE float32 products (no TF32): a token's score is computed by
 the same instruction sequence wherever it sits, so duplicate tokens tie exactly. Against the
@@ -74,18 +88,23 @@ class NNSearchConfig:
 
     Attributes:
       block_c: candidates per program, all from one request (power of two, >= 16).
-      block_t: sequence tokens per tile (power of two, >= 16).
+      block_t: sequence tokens per tile (power of two, >= 16); raised to ``2 * next_pow2(K)`` when
+        smaller, since the tile width is also the number of first-pass bins.
       num_warps: warps per program (Triton).
       num_stages: software-pipelining stages of the token loops (Triton).
+      survivors: per-candidate buffer of tokens that pass the first-pass bound (power of two; at
+        least ``2 * next_pow2(K)`` is used). Typically ~1.3 K tokens survive; a block with a row
+        over the buffer takes the slower exact fallback.
     """
 
     block_c: int = 16
     block_t: int = 64
     num_warps: int = 4
     num_stages: int = 1
+    survivors: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("block_c", "block_t"):
+        for name in ("block_c", "block_t", "survivors"):
             value = getattr(self, name)
             if not _is_pow2(value) or value < 16:
                 raise ValueError(f"NNSearchConfig.{name}: expected a power of two >= 16, got {value}")
@@ -115,9 +134,56 @@ def _score_keys(c_norm, seq_ref, start, t0, block_t: int, length, scale: float):
     return s, keys, pos, valid
 
 
+def _keys_to_scores(keys):
+    bits = jnp.where(keys >= 0, keys, keys ^ 0x7FFFFFFF)
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _radix_kth(count_ge, k: int, block_c: int):
+    """Exact K-th largest key per row by 4-bit radix digits (module docstring).
+
+    ``count_ge(thresholds)`` returns, for a list of (block_c,) int32 thresholds, the per-row counts
+    of valid keys >= each. Returns (T*, #keys > T*); T* = INT32_MIN where fewer than K keys exist.
+    """
+    prefix = jnp.full((block_c,), _INT32_MIN, jnp.int32)
+    count_above = jnp.zeros((block_c,), jnp.int32)    # #keys >= prefix + 16 ** (shift + 1)
+    for shift in range(32 - _RADIX_BITS, -1, -_RADIX_BITS):
+        # int32 wrap-around is intended: prefix + d * 16**shift always lands inside int32
+        thresholds = [prefix + _wrap_int32(d << shift) for d in range(1, 1 << _RADIX_BITS)]
+        counts = list(count_ge(thresholds)) + [count_above]
+        digit = jnp.zeros((block_c,), jnp.int32)
+        next_above = counts[0]
+        for d in range(1, 1 << _RADIX_BITS):
+            take = counts[d - 1] >= k
+            digit = jnp.where(take, d, digit)
+            next_above = jnp.where(take, counts[d], next_above)
+        prefix = prefix + (digit << shift)
+        count_above = next_above
+    return prefix, count_above
+
+
+def _count_ge(keys, valid, thresholds):
+    return tuple(jnp.sum((valid & (keys >= th[:, None])).astype(jnp.int32), axis=1)
+                 for th in thresholds)
+
+
+def _select(keys, valid, kth, need_ties, written, ties_seen):
+    """Selected entries of a (rows, W) block in index order: key > T*, then ties at T* in order.
+
+    Returns (selected, output slot, written', ties_seen')."""
+    gt = valid & (keys > kth[:, None])
+    eq = (valid & (keys == kth[:, None])).astype(jnp.int32)
+    tie_rank = ties_seen[:, None] + jnp.cumsum(eq, axis=1)
+    sel = gt | ((eq > 0) & (tie_rank <= need_ties[:, None]))
+    sel_i = sel.astype(jnp.int32)
+    slot = written[:, None] + jnp.cumsum(sel_i, axis=1) - 1
+    return sel, slot, written + jnp.sum(sel_i, axis=1), ties_seen + jnp.sum(eq, axis=1)
+
+
 def _nn_search_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
-                      perm_ref, seq_ref, cand_ref, idx_ref, score_ref, *, k: int, k_pad: int,
-                      block_c: int, block_t: int, scale: float, trash: bool):
+                      perm_ref, seq_ref, cand_ref, idx_ref, score_ref, surv_key_ref, surv_idx_ref,
+                      *, k: int, k_pad: int, bins: int, capacity: int, block_c: int, block_t: int,
+                      scale: float, trash: bool):
     p = pl.program_id(0)
     req = block_req_ref[p]
     row0 = block_row_ref[p]
@@ -136,67 +202,95 @@ def _nn_search_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, 
                    other=0).astype(jnp.float32)
     c_norm = c / jnp.maximum(jnp.sqrt(jnp.sum(c * c, axis=1, keepdims=True)), _NORM_EPS)
 
-    # ---- radix select of the K-th largest key per row (see the module docstring)
-    prefix = jnp.full((block_c,), _INT32_MIN, jnp.int32)
-    count_above = jnp.zeros((block_c,), jnp.int32)    # #keys >= prefix + 16 ** (shift + 1)
-    digits = 1 << _RADIX_BITS
-    for shift in range(32 - _RADIX_BITS, -1, -_RADIX_BITS):
-        # int32 wrap-around is intended: prefix + d * 16**shift always lands inside int32
-        thresholds = [prefix + _wrap_int32(d << shift) for d in range(1, digits)]
+    def tile(t, width):
+        return _score_keys(c_norm, seq_ref, start, t * width, width, length, scale)
 
-        def count_tile(t, counts, thresholds=thresholds):
-            _, keys, _, valid = _score_keys(c_norm, seq_ref, start, t * block_t, block_t, length,
-                                            scale)
-            return tuple(cnt + jnp.sum((valid[None, :] & (keys >= th[:, None])).astype(jnp.int32),
-                                       axis=1)
-                         for cnt, th in zip(counts, thresholds))
-
-        counts = lax.fori_loop(0, num_tiles, count_tile,
-                               tuple(jnp.zeros((block_c,), jnp.int32) for _ in thresholds))
-        counts = list(counts) + [count_above]           # counts[d - 1] = #keys >= prefix + d*16^shift
-        digit = jnp.zeros((block_c,), jnp.int32)
-        next_above = counts[0]
-        for d in range(1, digits):
-            take = counts[d - 1] >= k
-            digit = jnp.where(take, d, digit)
-            next_above = jnp.where(take, counts[d], next_above)
-        prefix = prefix + (digit << shift)
-        count_above = next_above
-    # prefix == T*, count_above == #keys > T* (rows with < K valid tokens: T* = INT32_MIN)
-    need_ties = k - count_above
-
-    # ---- selection pass: write selected tokens in scan (chronological) order
     # Scatter targets. Compiled, masked-off lanes store nothing. Interpret mode emulates a masked
     # scatter by writing the old value back, so there every masked-off lane gets its own spare
-    # target (rows past N, columns past k) that the wrapper slices away.
+    # target (rows past N, columns past the used ones) that the wrapper slices away.
     n_out = idx_ref.shape[0] - (block_c if trash else 0)
     out_rows = jnp.where(row_ok, cand_rows, n_out + rows if trash else 0)[:, None]
 
-    def select_tile(t, carry):
-        written, ties_seen = carry
-        s, keys, pos, valid = _score_keys(c_norm, seq_ref, start, t * block_t, block_t, length, scale)
-        gt = valid[None, :] & (keys > prefix[:, None])
-        eq = (valid[None, :] & (keys == prefix[:, None])).astype(jnp.int32)
-        tie_rank = ties_seen[:, None] + jnp.cumsum(eq, axis=1)
-        sel = gt | ((eq > 0) & (tie_rank <= need_ties[:, None]))
-        sel = sel & row_ok[:, None]
-        sel_i = sel.astype(jnp.int32)
-        slot = written[:, None] + jnp.cumsum(sel_i, axis=1) - 1
-        slot = jnp.where(sel, slot, (k + jnp.arange(block_t))[None, :] if trash else 0)
-        idx_vals = jnp.broadcast_to(pos[None, :], sel.shape).astype(jnp.int32)
-        plgpu.store(idx_ref.at[out_rows, slot], idx_vals, mask=sel)
-        plgpu.store(score_ref.at[out_rows, slot], s, mask=sel)
-        return written + jnp.sum(sel_i, axis=1), ties_seen + jnp.sum(eq, axis=1)
+    def spare(cols_used, width):
+        return (cols_used + jnp.arange(width))[None, :] if trash else 0
 
+    def store_out(sel, slot, idx_vals, score_vals):
+        slot = jnp.where(sel, slot, spare(k, sel.shape[1]))
+        plgpu.store(idx_ref.at[out_rows, slot], idx_vals, mask=sel)
+        plgpu.store(score_ref.at[out_rows, slot], score_vals, mask=sel)
+
+    # ---- pass 1: lower bound T_lo on the K-th score. Token i falls in bin i % bins (bins >= 2K);
+    # the K-th largest bin maximum is the score of K distinct tokens, so >= K tokens score >= T_lo.
+    def bin_max(t, m):
+        _, keys, _, valid = tile(t, bins)
+        return jnp.maximum(m, jnp.where(valid[None, :], keys, _INT32_MIN))
+
+    m = lax.fori_loop(0, lax.div(length + bins - 1, bins), bin_max,
+                      jnp.full((block_c, bins), _INT32_MIN, jnp.int32))
+    m_valid = m > _INT32_MIN
+    t_lo, _ = _radix_kth(lambda th: _count_ge(m, m_valid, th), k, block_c)
+
+    # ---- pass 2: the survivors (key >= T_lo), in index order, into a small per-row buffer
+    surv_rows = (p * block_c + rows)[:, None]
+
+    def collect(t, written):
+        _, keys, pos, valid = tile(t, block_t)
+        keep = valid[None, :] & (keys >= t_lo[:, None]) & row_ok[:, None]
+        keep_i = keep.astype(jnp.int32)
+        slot = written[:, None] + jnp.cumsum(keep_i, axis=1) - 1
+        fits = keep & (slot < capacity)
+        slot = jnp.where(fits, slot, spare(capacity, block_t))
+        plgpu.store(surv_key_ref.at[surv_rows, slot], keys, mask=fits)
+        plgpu.store(surv_idx_ref.at[surv_rows, slot],
+                    jnp.broadcast_to(pos[None, :], keys.shape).astype(jnp.int32), mask=fits)
+        return written + jnp.sum(keep_i, axis=1)
+
+    survivors = lax.fori_loop(0, num_tiles, collect, jnp.zeros((block_c,), jnp.int32))
+    overflow = jnp.max(jnp.where(row_ok, survivors, 0)) > capacity
+    if not trash:
+        plgpu.debug_barrier()        # survivors stored by all warps are read back below
+
+    # ---- exact K-th among the survivors (registers), then selection in index order
+    cols = jnp.arange(capacity)
+    s_ok = (cols[None, :] < survivors[:, None]) & row_ok[:, None] & jnp.logical_not(overflow)
+    s_keys = plgpu.load(surv_key_ref.at[surv_rows, cols[None, :]], mask=s_ok, other=_INT32_MIN)
+    s_idx = plgpu.load(surv_idx_ref.at[surv_rows, cols[None, :]], mask=s_ok, other=0)
+    kth, above = _radix_kth(lambda th: _count_ge(s_keys, s_ok, th), k, block_c)
     zeros = jnp.zeros((block_c,), jnp.int32)
-    written, _ = lax.fori_loop(0, num_tiles, select_tile, (zeros, zeros))
-    # padding slots: [written, k); disjoint from the slots stored above, so no ordering needed
-    cols = jnp.arange(k_pad)
-    pad = row_ok[:, None] & (cols[None, :] >= written[:, None]) & (cols[None, :] < k)
-    if trash:   # spare columns k.. for masked lanes (block_t >= k_pad - k is ensured by the wrapper)
-        cols_t = jnp.where(pad, cols[None, :], k + cols[None, :])
+    sel, slot, written, _ = _select(s_keys, s_ok, kth, k - above, zeros, zeros)
+    store_out(sel, slot, s_idx, _keys_to_scores(s_keys))
+
+    # ---- fallback when a row has more survivors than the buffer holds (many near-equal scores):
+    # radix select over the whole sequence, re-scoring it on every pass. Zero trips otherwise.
+    full_tiles = jnp.where(overflow, num_tiles, 0)
+
+    def count_full(thresholds):
+        def body(t, counts):
+            _, keys, _, valid = tile(t, block_t)
+            got = _count_ge(keys, valid[None, :], thresholds)
+            return tuple(a + b for a, b in zip(counts, got))
+        return lax.fori_loop(0, full_tiles, body, tuple(zeros for _ in thresholds))
+
+    kth_f, above_f = _radix_kth(count_full, k, block_c)
+
+    def select_full(t, carry):
+        written_f, ties = carry
+        s, keys, pos, valid = tile(t, block_t)
+        sel_f, slot_f, written_f, ties = _select(keys, valid[None, :] & row_ok[:, None], kth_f,
+                                                 k - above_f, written_f, ties)
+        store_out(sel_f, slot_f, jnp.broadcast_to(pos[None, :], keys.shape).astype(jnp.int32), s)
+        return written_f, ties
+
+    written_f, _ = lax.fori_loop(0, full_tiles, select_full, (zeros, zeros))
+    written = jnp.where(overflow, written_f, written)
+
+    # ---- padding slots [written, k): disjoint from the slots stored above, so no ordering needed
+    cols_k = jnp.arange(k_pad)
+    pad = row_ok[:, None] & (cols_k[None, :] >= written[:, None]) & (cols_k[None, :] < k)
+    if trash:
+        cols_t = jnp.where(pad, cols_k[None, :], k + cols_k[None, :])
     else:
-        cols_t = jnp.broadcast_to(jnp.where(cols < k, cols, 0)[None, :], pad.shape)
+        cols_t = jnp.broadcast_to(jnp.where(cols_k < k, cols_k, 0)[None, :], pad.shape)
     plgpu.store(idx_ref.at[out_rows, cols_t], jnp.full((block_c, k_pad), PAD_INDEX, jnp.int32),
                 mask=pad)
     plgpu.store(score_ref.at[out_rows, cols_t], jnp.full((block_c, k_pad), -jnp.inf, jnp.float32),
@@ -283,15 +377,24 @@ def nn_search_jagged(seq_q: jax.Array, offsets: jax.Array, lengths: jax.Array, c
     perm_pad = jnp.pad(perm, (0, config.block_c)) if interpret else perm
     k_pad = 1 << (k - 1).bit_length()
     trash = bool(interpret)
-    kernel = functools.partial(_nn_search_kernel, k=k, k_pad=k_pad, block_c=config.block_c,
-                               block_t=config.block_t, scale=scale, trash=trash)
+    # Every pass uses the same tile width, which is also the number of pass-1 bins (>= 2K): a
+    # token's score then comes from the same instructions in every pass, bit for bit.
+    width = max(config.block_t, 2 * k_pad, 16)
+    capacity = max(config.survivors, width)
+    kernel = functools.partial(_nn_search_kernel, k=k, k_pad=k_pad, bins=width, capacity=capacity,
+                               block_c=config.block_c, block_t=width, scale=scale, trash=trash)
     out_rows = n + (config.block_c if trash else 0)
-    out_cols = k + (max(config.block_t, k_pad) if trash else 0)
-    idx, scores = pl.pallas_call(
+    out_cols = k + (max(width, k_pad, capacity) if trash else 0)
+    surv_shape = (num_blocks * config.block_c, capacity + (width if trash else 0))
+    if trash:
+        seq_pad = jnp.pad(seq_q, ((0, width), (0, 0)))
+    idx, scores, _, _ = pl.pallas_call(
         kernel,
         grid=(num_blocks,),
         out_shape=(jax.ShapeDtypeStruct((out_rows, out_cols), jnp.int32),
-                   jax.ShapeDtypeStruct((out_rows, out_cols), jnp.float32)),
+                   jax.ShapeDtypeStruct((out_rows, out_cols), jnp.float32),
+                   jax.ShapeDtypeStruct(surv_shape, jnp.int32),     # survivor keys (scratch)
+                   jax.ShapeDtypeStruct(surv_shape, jnp.int32)),    # survivor indices (scratch)
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
                                              num_stages=config.num_stages),
         interpret=interpret,

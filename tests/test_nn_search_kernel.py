@@ -58,6 +58,21 @@ def test_long_sequence_and_many_candidates_per_request():
     check_against_brute(idx, scores, seq, lengths, cand, c2r, 64, label="long")
 
 
+def test_survivor_buffer_overflow_takes_the_exact_fallback():
+    """All-equal scores (a zero candidate; a sequence of one repeated token) make every token a
+    survivor; with a 64-entry buffer the block falls back to the full radix select."""
+    seq, lengths, cand, c2r = random_case(9, [300, 90, 300], 20)
+    seq[2, :] = seq[2, 0]
+    cand[0] = 0.0
+    c2r[:4] = [0, 0, 2, 2]
+    config = NNSearchConfig(block_t=16, survivors=64)
+    for k in (1, 10):
+        idx, scores = nn_search(seq, lengths, cand, c2r, k=k, config=config)
+        check_against_brute(idx, scores, seq, lengths, cand, c2r, k, label=f"overflow k={k}")
+        assert np.asarray(idx)[0].tolist() == list(range(k))        # all tie: the first k
+        assert np.asarray(idx)[2].tolist() == list(range(k))
+
+
 def test_jagged_layout_equals_dense_and_candidate_order_does_not_matter():
     seq, lengths, cand, c2r = random_case(4, [50, 0, 33, 80], 30)
     flat = np.concatenate([seq[u, :lengths[u]] for u in range(len(lengths))])
