@@ -105,7 +105,7 @@ def kernel_pipeline(config: NNSearchConfig):
     return run
 
 
-def run_shape(length: int, cpr: int, repeats: int, config: NNSearchConfig) -> dict:
+def run_shape(length: int, cpr: int, repeats: int, config: NNSearchConfig, variants=()) -> dict:
     u = N_TOTAL // cpr
     n = u * cpr
     rng = np.random.default_rng(length + cpr)
@@ -130,6 +130,14 @@ def run_shape(length: int, cpr: int, repeats: int, config: NNSearchConfig) -> di
     r_idx = np.asarray(r_idx).reshape(n, K)
     row["kernel_index_rows_equal_reference"] = float(np.mean(np.all(np.asarray(k_idx) == r_idx, axis=1)))
     row["impls"]["kernel"] = time_jax(kern, (flat, offsets, lengths, cand, c2r), repeats)
+    for v in variants:   # other tilings (--tune)
+        name = f"kernel_c{v.block_c}_t{v.block_t}_w{v.num_warps}_s{v.num_stages}"
+        fn = kernel_pipeline(v)
+        row["impls"][name] = time_jax(fn, (flat, offsets, lengths, cand, c2r), repeats)
+        v_idx, _ = fn(flat, offsets, lengths, cand, c2r)
+        row["impls"][name]["index_rows_equal_reference"] = float(
+            np.mean(np.all(np.asarray(v_idx) == r_idx, axis=1)))
+        print(f"    {name}: {row['impls'][name]['median_us']:.1f} us", flush=True)
     for name, prec in (("dedup_highest", lax.Precision.HIGHEST), ("dedup_default", lax.Precision.DEFAULT)):
         fn = dedup_pipeline(prec)
         row["impls"][name] = time_jax(fn, (seq, lengths, cand_grid), repeats)
@@ -186,6 +194,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--tune", action="store_true", help="also time other tilings at each shape")
     ap.add_argument("--results", default=RESULTS)
     args = ap.parse_args()
     if jax.default_backend() != "gpu":
@@ -196,7 +205,9 @@ def main() -> None:
     result = {"environment": env, "config": config.__dict__, "k": K, "candidates_per_batch": N_TOTAL,
               "timing": f"median of samples of {CALLS} back-to-back calls, compile excluded"}
     shapes = [(10_000, 256)] if args.quick else [(L, c) for L in LENGTHS for c in CANDS]
-    rows = [run_shape(L, c, args.repeats, config) for L, c in shapes]
+    variants = [NNSearchConfig(block_c=c, block_t=t, num_warps=w) for c, t, w in
+                ((16, 32, 4), (16, 128, 4), (32, 64, 4), (16, 64, 8), (32, 64, 8))] if args.tune else []
+    rows = [run_shape(L, c, args.repeats, config, variants) for L, c in shapes]
     result["rows"] = rows
     # shared memory of the shipped configuration
     seq = jnp.zeros((64, D), jnp.int8)

@@ -23,8 +23,9 @@ Scores are mapped to int32 keys whose signed order is the float order (``bits`` 
 ``bits ^ 0x7fffffff`` for s < 0; -0.0 is first turned into +0.0), so "top K by score, ties to the
 lower index" is "top K by (key, -index)". Per candidate row:
 
-1. **Bound** (one pass over the tokens). Token ``i`` falls in bin ``i % W`` of ``W >= 2K`` bins (W is
-   the tile width); the running per-bin maximum is an elementwise ``max`` of tiles. The K-th largest
+1. **Bound** (one pass over the tokens). Token ``i`` falls in bin ``i % W`` of ``W >= 2K`` bins (held
+   as ``W / block_t`` tile-shaped accumulators); the running per-bin maximum is an elementwise
+   ``max`` of tiles. The K-th largest
    of the W bin maxima, ``T_lo``, is the score of K distinct tokens, so at least K tokens score
    ``>= T_lo``, and on typical data few more do (about 1.3 K).
 2. **Collect** (one pass). Tokens with ``key >= T_lo`` are appended, in index order, to a small
@@ -88,8 +89,7 @@ class NNSearchConfig:
 
     Attributes:
       block_c: candidates per program, all from one request (power of two, >= 16).
-      block_t: sequence tokens per tile (power of two, >= 16); raised to ``2 * next_pow2(K)`` when
-        smaller, since the tile width is also the number of first-pass bins.
+      block_t: sequence tokens per tile (power of two, >= 16).
       num_warps: warps per program (Triton).
       num_stages: software-pipelining stages of the token loops (Triton).
       survivors: per-candidate buffer of tokens that pass the first-pass bound (power of two; at
@@ -221,14 +221,28 @@ def _nn_search_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, 
 
     # ---- pass 1: lower bound T_lo on the K-th score. Token i falls in bin i % bins (bins >= 2K);
     # the K-th largest bin maximum is the score of K distinct tokens, so >= K tokens score >= T_lo.
-    def bin_max(t, m):
-        _, keys, _, valid = tile(t, bins)
-        return jnp.maximum(m, jnp.where(valid[None, :], keys, _INT32_MIN))
+    # The W bins are held as W / block_t accumulators of tile width, so every pass scores the
+    # same (block_c, block_t) tiles (bit-identical keys) and tiles stay register-sized.
+    groups = bins // block_t
 
-    m = lax.fori_loop(0, lax.div(length + bins - 1, bins), bin_max,
-                      jnp.full((block_c, bins), _INT32_MIN, jnp.int32))
-    m_valid = m > _INT32_MIN
-    t_lo, _ = _radix_kth(lambda th: _count_ge(m, m_valid, th), k, block_c)
+    def bin_max(t, ms):
+        _, keys, _, valid = tile(t, block_t)
+        keys = jnp.where(valid[None, :], keys, _INT32_MIN)
+        g = lax.rem(t, groups)
+        return tuple(jnp.where(g == j, jnp.maximum(mj, keys), mj) for j, mj in enumerate(ms))
+
+    ms = lax.fori_loop(0, num_tiles, bin_max,
+                       tuple(jnp.full((block_c, block_t), _INT32_MIN, jnp.int32)
+                             for _ in range(groups)))
+
+    def bins_count_ge(thresholds):
+        counts = [jnp.zeros((block_c,), jnp.int32) for _ in thresholds]
+        for mj in ms:
+            got = _count_ge(mj, mj > _INT32_MIN, thresholds)
+            counts = [a + b for a, b in zip(counts, got)]
+        return counts
+
+    t_lo, _ = _radix_kth(bins_count_ge, k, block_c)
 
     # ---- pass 2: the survivors (key >= T_lo), in index order, into a small per-row buffer
     surv_rows = (p * block_c + rows)[:, None]
@@ -377,11 +391,12 @@ def nn_search_jagged(seq_q: jax.Array, offsets: jax.Array, lengths: jax.Array, c
     perm_pad = jnp.pad(perm, (0, config.block_c)) if interpret else perm
     k_pad = 1 << (k - 1).bit_length()
     trash = bool(interpret)
-    # Every pass uses the same tile width, which is also the number of pass-1 bins (>= 2K): a
-    # token's score then comes from the same instructions in every pass, bit for bit.
-    width = max(config.block_t, 2 * k_pad, 16)
-    capacity = max(config.survivors, width)
-    kernel = functools.partial(_nn_search_kernel, k=k, k_pad=k_pad, bins=width, capacity=capacity,
+    # Every pass scores the same tile shape, so a token's key is the same bit for bit in every
+    # pass; the pass-1 bins (>= 2K) are tile-width groups.
+    width = config.block_t
+    bins = max(2 * k_pad, width)
+    capacity = max(config.survivors, bins)
+    kernel = functools.partial(_nn_search_kernel, k=k, k_pad=k_pad, bins=bins, capacity=capacity,
                                block_c=config.block_c, block_t=width, scale=scale, trash=trash)
     out_rows = n + (config.block_c if trash else 0)
     out_cols = k + (max(width, k_pad, capacity) if trash else 0)
