@@ -52,6 +52,15 @@ Every pass scores tokens with the same tile shape, so a token's key is bit-ident
 int8 sequence twice (32 B per token per pass, from L2 for all but the first program of a request),
 the survivor buffer, and the outputs; never a score matrix.
 
+Status (2026-11-22, H100, jax 0.11.2): the first version of the full-radix algorithm (today's default path,
+``survivors=0``, before it was refactored into helpers shared with the survivor path; the refactor
+is not yet re-run on a GPU) returned the exact reference's indices on every row, but took 6.4 ms at L_LL = 10k with 256
+candidates per request (4096 candidates, K = 96), against 3.7 ms for the de-duplicated XLA pipeline:
+it is ALU-bound on nine passes of scoring plus fifteen compare-and-count reductions per token. The
+survivor path was slower in its first GPU version (11 ms, 256-wide tiles) and its current version
+was not measured (its compile did not finish within the 100 s probe). Both are exact and tested in
+interpret mode; see ``bench/nn_search.py`` and the issue notes.
+
 Numerics: scores are float32 with IEEE float32 products (no TF32): a token's score is computed by
 the same instruction sequence wherever it sits, so duplicate tokens tie exactly. Against the
 float64 brute force, selections agree except between tokens whose scores are within float32
@@ -92,19 +101,24 @@ class NNSearchConfig:
       block_t: sequence tokens per tile (power of two, >= 16).
       num_warps: warps per program (Triton).
       num_stages: software-pipelining stages of the token loops (Triton).
-      survivors: per-candidate buffer of tokens that pass the first-pass bound (power of two; at
-        least ``2 * next_pow2(K)`` is used). Typically ~1.3 K tokens survive; a block with a row
-        over the buffer takes the slower exact fallback.
+      survivors: 0 (default): exact radix select over the whole sequence (steps 3-4 of the module
+        docstring on all tokens: 9 passes). A power of two: enable the bound + survivor buffer
+        (steps 1-3, 2 passes; at least ``2 * next_pow2(K)`` entries are used); typically ~1.3 K
+        tokens survive, and a block with a row over the buffer takes the full radix select.
+        Tested in interpret mode only; see the module docstring's status note.
     """
 
     block_c: int = 16
     block_t: int = 64
     num_warps: int = 4
     num_stages: int = 1
-    survivors: int = 256
+    survivors: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("block_c", "block_t", "survivors"):
+        if self.survivors and not _is_pow2(self.survivors):
+            raise ValueError(f"NNSearchConfig.survivors: expected 0 or a power of two, got "
+                             f"{self.survivors}")
+        for name in ("block_c", "block_t"):
             value = getattr(self, name)
             if not _is_pow2(value) or value < 16:
                 raise ValueError(f"NNSearchConfig.{name}: expected a power of two >= 16, got {value}")
@@ -219,63 +233,74 @@ def _nn_search_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, 
         plgpu.store(idx_ref.at[out_rows, slot], idx_vals, mask=sel)
         plgpu.store(score_ref.at[out_rows, slot], score_vals, mask=sel)
 
-    # ---- pass 1: lower bound T_lo on the K-th score. Token i falls in bin i % bins (bins >= 2K);
-    # the K-th largest bin maximum is the score of K distinct tokens, so >= K tokens score >= T_lo.
-    # The W bins are held as W / block_t accumulators of tile width, so every pass scores the
-    # same (block_c, block_t) tiles (bit-identical keys) and tiles stay register-sized.
-    groups = bins // block_t
+    def survivor_path():
+        # ---- pass 1: lower bound T_lo on the K-th score. Token i falls in bin i % bins (bins >= 2K);
+        # the K-th largest bin maximum is the score of K distinct tokens, so >= K tokens score >= T_lo.
+        # The W bins are held as W / block_t accumulators of tile width, so every pass scores the
+        # same (block_c, block_t) tiles (bit-identical keys) and tiles stay register-sized.
+        groups = bins // block_t
+        surv_rows = (p * block_c + rows)[:, None]
 
-    def bin_max(t, ms):
-        _, keys, _, valid = tile(t, block_t)
-        keys = jnp.where(valid[None, :], keys, _INT32_MIN)
-        g = lax.rem(t, groups)
-        return tuple(jnp.where(g == j, jnp.maximum(mj, keys), mj) for j, mj in enumerate(ms))
+        def bin_max(t, ms):
+            _, keys, _, valid = tile(t, block_t)
+            keys = jnp.where(valid[None, :], keys, _INT32_MIN)
+            g = lax.rem(t, groups)
+            return tuple(jnp.where(g == j, jnp.maximum(mj, keys), mj) for j, mj in enumerate(ms))
 
-    ms = lax.fori_loop(0, num_tiles, bin_max,
-                       tuple(jnp.full((block_c, block_t), _INT32_MIN, jnp.int32)
-                             for _ in range(groups)))
+        ms = lax.fori_loop(0, num_tiles, bin_max,
+                           tuple(jnp.full((block_c, block_t), _INT32_MIN, jnp.int32)
+                                 for _ in range(groups)))
+        # Gather the groups into one (block_c, bins) array through the row's buffer (one radix
+        # select over it instead of one per group: a much smaller program).
+        for j, mj in enumerate(ms):
+            plgpu.store(surv_key_ref.at[surv_rows, (j * block_t + jnp.arange(block_t))[None, :]],
+                        mj)
+        if not trash:
+            plgpu.debug_barrier()
+        bin_cols = jnp.arange(bins)[None, :]
+        m = plgpu.load(surv_key_ref.at[surv_rows, bin_cols])
+        if not trash:
+            plgpu.debug_barrier()    # all reads of the bins finish before pass 2 overwrites them
+        t_lo, _ = _radix_kth(lambda th: _count_ge(m, m > _INT32_MIN, th), k, block_c)
 
-    def bins_count_ge(thresholds):
-        counts = [jnp.zeros((block_c,), jnp.int32) for _ in thresholds]
-        for mj in ms:
-            got = _count_ge(mj, mj > _INT32_MIN, thresholds)
-            counts = [a + b for a, b in zip(counts, got)]
-        return counts
+        # ---- pass 2: the survivors (key >= T_lo), in index order, into a small per-row buffer
 
-    t_lo, _ = _radix_kth(bins_count_ge, k, block_c)
+        def collect(t, written):
+            _, keys, pos, valid = tile(t, block_t)
+            keep = valid[None, :] & (keys >= t_lo[:, None]) & row_ok[:, None]
+            keep_i = keep.astype(jnp.int32)
+            slot = written[:, None] + jnp.cumsum(keep_i, axis=1) - 1
+            fits = keep & (slot < capacity)
+            slot = jnp.where(fits, slot, spare(capacity, block_t))
+            plgpu.store(surv_key_ref.at[surv_rows, slot], keys, mask=fits)
+            plgpu.store(surv_idx_ref.at[surv_rows, slot],
+                        jnp.broadcast_to(pos[None, :], keys.shape).astype(jnp.int32), mask=fits)
+            return written + jnp.sum(keep_i, axis=1)
 
-    # ---- pass 2: the survivors (key >= T_lo), in index order, into a small per-row buffer
-    surv_rows = (p * block_c + rows)[:, None]
+        survivors = lax.fori_loop(0, num_tiles, collect, jnp.zeros((block_c,), jnp.int32))
+        overflow = jnp.max(jnp.where(row_ok, survivors, 0)) > capacity
+        if not trash:
+            plgpu.debug_barrier()        # survivors stored by all warps are read back below
 
-    def collect(t, written):
-        _, keys, pos, valid = tile(t, block_t)
-        keep = valid[None, :] & (keys >= t_lo[:, None]) & row_ok[:, None]
-        keep_i = keep.astype(jnp.int32)
-        slot = written[:, None] + jnp.cumsum(keep_i, axis=1) - 1
-        fits = keep & (slot < capacity)
-        slot = jnp.where(fits, slot, spare(capacity, block_t))
-        plgpu.store(surv_key_ref.at[surv_rows, slot], keys, mask=fits)
-        plgpu.store(surv_idx_ref.at[surv_rows, slot],
-                    jnp.broadcast_to(pos[None, :], keys.shape).astype(jnp.int32), mask=fits)
-        return written + jnp.sum(keep_i, axis=1)
+        # ---- exact K-th among the survivors (registers), then selection in index order
+        cols = jnp.arange(capacity)
+        s_ok = (cols[None, :] < survivors[:, None]) & row_ok[:, None] & jnp.logical_not(overflow)
+        s_keys = plgpu.load(surv_key_ref.at[surv_rows, cols[None, :]], mask=s_ok, other=_INT32_MIN)
+        s_idx = plgpu.load(surv_idx_ref.at[surv_rows, cols[None, :]], mask=s_ok, other=0)
+        kth, above = _radix_kth(lambda th: _count_ge(s_keys, s_ok, th), k, block_c)
+        sel, slot, written, _ = _select(s_keys, s_ok, kth, k - above, zeros, zeros)
+        store_out(sel, slot, s_idx, _keys_to_scores(s_keys))
+        return overflow, written
 
-    survivors = lax.fori_loop(0, num_tiles, collect, jnp.zeros((block_c,), jnp.int32))
-    overflow = jnp.max(jnp.where(row_ok, survivors, 0)) > capacity
-    if not trash:
-        plgpu.debug_barrier()        # survivors stored by all warps are read back below
-
-    # ---- exact K-th among the survivors (registers), then selection in index order
-    cols = jnp.arange(capacity)
-    s_ok = (cols[None, :] < survivors[:, None]) & row_ok[:, None] & jnp.logical_not(overflow)
-    s_keys = plgpu.load(surv_key_ref.at[surv_rows, cols[None, :]], mask=s_ok, other=_INT32_MIN)
-    s_idx = plgpu.load(surv_idx_ref.at[surv_rows, cols[None, :]], mask=s_ok, other=0)
-    kth, above = _radix_kth(lambda th: _count_ge(s_keys, s_ok, th), k, block_c)
     zeros = jnp.zeros((block_c,), jnp.int32)
-    sel, slot, written, _ = _select(s_keys, s_ok, kth, k - above, zeros, zeros)
-    store_out(sel, slot, s_idx, _keys_to_scores(s_keys))
+    if capacity:
+        overflow, written = survivor_path()
+    else:                        # survivors=0: the full-sequence radix select only
+        overflow, written = jnp.asarray(True), zeros
 
-    # ---- fallback when a row has more survivors than the buffer holds (many near-equal scores):
-    # radix select over the whole sequence, re-scoring it on every pass. Zero trips otherwise.
+    # ---- full-sequence radix select: the only path with survivors=0; otherwise the fallback when
+    # a row has more survivors than the buffer holds (many near-equal scores). Re-scores the whole
+    # sequence on each of its passes; zero trips when not needed.
     full_tiles = jnp.where(overflow, num_tiles, 0)
 
     def count_full(thresholds):
@@ -395,12 +420,13 @@ def nn_search_jagged(seq_q: jax.Array, offsets: jax.Array, lengths: jax.Array, c
     # pass; the pass-1 bins (>= 2K) are tile-width groups.
     width = config.block_t
     bins = max(2 * k_pad, width)
-    capacity = max(config.survivors, bins)
+    capacity = max(config.survivors, bins) if config.survivors else 0
     kernel = functools.partial(_nn_search_kernel, k=k, k_pad=k_pad, bins=bins, capacity=capacity,
                                block_c=config.block_c, block_t=width, scale=scale, trash=trash)
     out_rows = n + (config.block_c if trash else 0)
     out_cols = k + (max(width, k_pad, capacity) if trash else 0)
-    surv_shape = (num_blocks * config.block_c, capacity + (width if trash else 0))
+    surv_shape = ((num_blocks * config.block_c, capacity + (width if trash else 0)) if capacity
+                  else (1, 1))
     if trash:
         seq_pad = jnp.pad(seq_q, ((0, width), (0, 0)))
     idx, scores, _, _ = pl.pallas_call(

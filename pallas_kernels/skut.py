@@ -89,7 +89,9 @@ class SkutConfig:
       num_warps: warps per program (Triton).
       num_stages: software-pipelining stages of the loops (Triton).
       resident: keep the whole sequence on chip (unrolled tiles; needs ``ceil(L / block_q) <=
-        MAX_RESIDENT_TILES``) instead of streaming query tiles with a ping-pong buffer.
+        MAX_RESIDENT_TILES``) instead of streaming query tiles with a ping-pong buffer. Slower than
+        streaming on an H100 (register spills) and, in float32 with 64-row tiles, its Triton
+        compile did not finish within 5 minutes there; never chosen by :meth:`default`.
     """
 
     block_q: int = 64

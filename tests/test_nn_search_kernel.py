@@ -38,11 +38,11 @@ def random_case(seed: int, lengths, n: int, d: int = 32, dup: bool = True):
     return seq, lengths.astype(np.int32), cand, c2r
 
 
-CONFIGS = [NNSearchConfig(), NNSearchConfig(block_c=32, block_t=16)]
+CONFIGS = [NNSearchConfig(), NNSearchConfig(block_c=32, block_t=32, survivors=256)]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["c16t64", "c32t16"])
-@pytest.mark.parametrize("k", [1, 7, 32, 96, 128])
+@pytest.mark.parametrize("config", CONFIGS, ids=["full_radix", "survivors"])
+@pytest.mark.parametrize("k", [1, 7, 96, 128])
 def test_matches_brute_force(k, config):
     seq, lengths, cand, c2r = random_case(k + config.block_t, [0, 1, 5, 97, 300, 129, 64], 45)
     idx, scores = nn_search(seq, lengths, cand, c2r, k=k, config=config)
@@ -52,9 +52,10 @@ def test_matches_brute_force(k, config):
     np.testing.assert_allclose(np.asarray(scores), np.asarray(ref_scores), atol=1e-6, rtol=0)
 
 
-def test_long_sequence_and_many_candidates_per_request():
+@pytest.mark.parametrize("config", CONFIGS, ids=["full_radix", "survivors"])
+def test_long_sequence_and_many_candidates_per_request(config):
     seq, lengths, cand, c2r = random_case(3, [2000, 700], 70)
-    idx, scores = nn_search(seq, lengths, cand, c2r, k=64)
+    idx, scores = nn_search(seq, lengths, cand, c2r, k=64, config=config)
     check_against_brute(idx, scores, seq, lengths, cand, c2r, 64, label="long")
 
 
@@ -116,6 +117,8 @@ def test_no_candidates_and_bad_inputs():
         nn_search(seq, lengths, cand, c2r, k=5, impl="cuda")
     with pytest.raises(ValueError, match="block_c"):
         NNSearchConfig(block_c=24)
+    with pytest.raises(ValueError, match="survivors"):
+        NNSearchConfig(survivors=100)
 
 
 def test_xla_dispatch_is_the_reference():
@@ -153,5 +156,6 @@ def test_device_s_all_equals_logged_features(impl):
                          ids=["short", "long"])
 def test_gpu_matches_brute_force(lengths, k):
     seq, lens, cand, c2r = random_case(k + len(lengths), lengths, 200 if max(lengths) < 1000 else 40)
-    idx, scores = nn_search(seq, lens, cand, c2r, k=k, interpret=False)
-    check_against_brute(idx, scores, seq, lens, cand, c2r, k, label=f"gpu k={k}")
+    for config in CONFIGS:
+        idx, scores = nn_search(seq, lens, cand, c2r, k=k, config=config, interpret=False)
+        check_against_brute(idx, scores, seq, lens, cand, c2r, k, label=f"gpu k={k} {config}")
