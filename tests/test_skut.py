@@ -199,6 +199,17 @@ def test_model_encoder_impl_skut_matches_xla():
                                rtol=1e-4, atol=1e-5)
 
 
+def test_checkpoint_written_with_xla_encoder_loads_with_skut():
+    from transact_jax.model.config import ModelConfig
+    from transact_jax.train.checkpoint import check_compatible
+    from transact_jax.train.config import ExperimentConfig
+
+    saved = ExperimentConfig(model=ModelConfig(encoder_impl="xla")).to_dict()
+    check_compatible(saved, ExperimentConfig(model=ModelConfig(encoder_impl="skut")))
+    with pytest.raises(ValueError, match="model.num_layers"):
+        check_compatible(saved, ExperimentConfig(model=ModelConfig(num_layers=3)))
+
+
 # ------------------------------------------------------------------------------ compiled (GPU)
 
 

@@ -17,9 +17,12 @@ import orbax.checkpoint as ocp
 from transact_jax.train.config import ExperimentConfig
 from transact_jax.train.state import TrainState
 
-# Fields that may differ between the run that wrote a checkpoint and the one resuming it.
+# Fields that may differ between the run that wrote a checkpoint and the one resuming it (the
+# encoder implementation computes the same function of the same parameters: train with "xla",
+# serve with "skut").
 _RESUMABLE_DIFFERENCES = {"train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
-                          "train.keep_checkpoints", "train.prefetch", "train.loader_threads"}
+                          "train.keep_checkpoints", "train.prefetch", "train.loader_threads",
+                          "model.encoder_impl"}
 
 
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
