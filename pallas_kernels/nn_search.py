@@ -391,9 +391,14 @@ def nn_search_jagged(seq_q: jax.Array, offsets: jax.Array, lengths: jax.Array, c
       seq_q: (T, D) int8 codes of all requests' tokens, concatenated.
       offsets: (U,) int first row of each request's sequence in ``seq_q``.
       lengths: (U,) int number of tokens of each request (0 allowed); rows
-        ``[offsets[u], offsets[u] + lengths[u])`` must lie inside ``seq_q``.
+        ``[offsets[u], offsets[u] + lengths[u])`` should lie inside ``seq_q`` (values are not
+        checked inside jit: lengths are clipped to the rows that exist, so nothing is read out of
+        bounds).
       cand: (N, D) float candidate embeddings.
-      cand_to_req: (N,) int request of each candidate, in ``[0, U)``.
+      cand_to_req: (N,) int request of each candidate, in ``[0, U)``; a candidate with an index
+        outside that range gets an all-padding result (-1 / -inf) rather than an error, because
+        jitted code cannot raise on values. Validate requests at the API boundary
+        (``RequestBatch.validate``).
       k: K (1..128). scale: int8 scale (0.65).
 
     Returns:
@@ -407,9 +412,19 @@ def nn_search_jagged(seq_q: jax.Array, offsets: jax.Array, lengths: jax.Array, c
     num_req = offsets.shape[0]
     if n == 0:
         return jnp.zeros((0, k), jnp.int32), jnp.zeros((0, k), jnp.float32)
+    # Values cannot be checked inside jit, so make bad ones harmless instead of out of bounds:
+    # a candidate whose request is outside [0, U) goes to an extra empty request (all padding),
+    # and each request's length is clipped to the rows that exist.
+    total = seq_q.shape[0]
+    offsets = jnp.clip(offsets.astype(jnp.int32), 0, total)
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, total - offsets)
+    offsets = jnp.concatenate([offsets, jnp.zeros((1,), jnp.int32)])
+    lengths = jnp.concatenate([lengths, jnp.zeros((1,), jnp.int32)])
+    c2r = cand_to_req.astype(jnp.int32)
+    c2r = jnp.where((c2r >= 0) & (c2r < num_req), c2r, num_req)
+    num_req += 1
     num_blocks = -(-n // config.block_c) + num_req
-    perm, block_req, block_row, block_cnt = _block_table(cand_to_req.astype(jnp.int32), num_req,
-                                                         config.block_c, num_blocks)
+    perm, block_req, block_row, block_cnt = _block_table(c2r, num_req, config.block_c, num_blocks)
     # Compiled, the masked tile loads past the end touch no memory. Interpret mode slices the refs
     # for real: give it one spare tile of rows (never selected).
     seq_pad = jnp.pad(seq_q, ((0, config.block_t), (0, 0))) if interpret else seq_q
@@ -440,7 +455,7 @@ def nn_search_jagged(seq_q: jax.Array, offsets: jax.Array, lengths: jax.Array, c
                                              num_stages=config.num_stages),
         interpret=interpret,
         name="nn_search",
-    )(block_req, block_row, block_cnt, offsets.astype(jnp.int32), lengths.astype(jnp.int32),
+    )(block_req, block_row, block_cnt, offsets, lengths,
       perm_pad, seq_pad, cand)
     if trash:
         idx, scores = idx[:n, :k], scores[:n, :k]

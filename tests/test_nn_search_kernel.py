@@ -121,6 +121,19 @@ def test_no_candidates_and_bad_inputs():
         NNSearchConfig(survivors=100)
 
 
+def test_out_of_range_values_are_harmless():
+    seq, lengths, cand, c2r = random_case(10, [10, 20], 6)
+    c2r[:2] = [5, -1]                     # no such request
+    idx, scores = nn_search(seq, lengths, cand, c2r, k=4)
+    assert (np.asarray(idx)[:2] == -1).all() and np.isneginf(np.asarray(scores)[:2]).all()
+    good = nn_search(seq, lengths, cand[2:], c2r[2:], k=4)[0]
+    np.testing.assert_array_equal(np.asarray(idx)[2:], np.asarray(good))
+    flat = seq.reshape(-1, 32)
+    idx, _ = nn_search_jagged(flat, np.array([0, 20], np.int32), np.array([20, 500], np.int32),
+                              cand, np.array([1] * 6, np.int32), k=4)   # length past the end
+    assert (np.asarray(idx) < 20).all()
+
+
 def test_xla_dispatch_is_the_reference():
     seq, lengths, cand, c2r = random_case(7, [10, 20], 6)
     a = nn_search(seq, lengths, cand, c2r, k=5, impl="xla")
