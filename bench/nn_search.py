@@ -36,7 +36,6 @@ if __name__ == "__main__":
     _smem.start_log()   # before jax starts
 
 import json  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -44,7 +43,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 import _smem  # noqa: E402
-from _env import RESULTS, environment  # noqa: E402
+from _env import RESULTS, environment, time_device_calls  # noqa: E402
 from pallas_kernels.int8_codec import QUANT_SCALE, dequantize_int8, l2_normalize  # noqa: E402
 from pallas_kernels.nn_search import NNSearchConfig, nn_search_jagged  # noqa: E402
 from pallas_kernels.nn_search_reference import masked_top_k  # noqa: E402
@@ -57,23 +56,8 @@ CALLS = 10
 PASSES = 9   # radix passes + selection pass of the kernel
 
 
-def _stats(samples) -> dict:
-    a = np.asarray(samples) * 1e6
-    return {"median_us": float(np.median(a)), "p10_us": float(np.percentile(a, 10)),
-            "p90_us": float(np.percentile(a, 90)), "samples": len(a)}
-
-
 def time_jax(fn, args, repeats: int) -> dict:
-    jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = None
-        for _ in range(CALLS):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / CALLS)
-    return _stats(samples)
+    return time_device_calls(fn, [args], repeats, CALLS)
 
 
 def broadcast_pipeline(precision):

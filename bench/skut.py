@@ -44,7 +44,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import _smem  # noqa: E402
-from _env import RESULTS, environment  # noqa: E402
+from _env import RESULTS, environment, stats_us, time_device_calls  # noqa: E402
 from pallas_kernels import skut as skut_mod  # noqa: E402
 from pallas_kernels.skut import A10G_SMEM_BYTES, SkutConfig, skut  # noqa: E402
 from pallas_kernels.skut_reference import EncoderWeights, layer_norm, skut_reference  # noqa: E402
@@ -139,24 +139,8 @@ def torch_encoder(w: EncoderWeights, dtype):
 
 
 # ----------------------------------------------------------------------------- measurement
-def _stats(samples) -> dict:
-    a = np.asarray(samples) * 1e6
-    return {"median_us": float(np.median(a)), "p10_us": float(np.percentile(a, 10)),
-            "p90_us": float(np.percentile(a, 90)), "samples": len(a)}
-
-
 def time_jax(fn, inputs, repeats: int) -> dict:
-    for args in inputs:
-        jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = None
-        for c in range(CALLS_PER_SAMPLE):
-            out = fn(*inputs[c % len(inputs)])
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / CALLS_PER_SAMPLE)
-    return _stats(samples)
+    return time_device_calls(fn, inputs, repeats, CALLS_PER_SAMPLE)
 
 
 def jax_memory(fn, args) -> int:
@@ -280,7 +264,7 @@ def run_torch(w, inputs, dtype, ref, repeats: int) -> dict:
         peak = torch.cuda.max_memory_allocated()
         # inputs/weights of the other two input sets do not count (JAX counts one set)
         extra = sum(t.numel() * t.element_size() for args in tin[1:] for t in args)
-    t = _stats(samples)
+    t = stats_us(samples)
     t["memory_bytes"] = int(peak - extra)
     t["rel_err_vs_f32_reference"] = rel_err(out, ref)
     torch.cuda.empty_cache()

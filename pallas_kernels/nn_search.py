@@ -78,6 +78,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels._common import check_tiling, default_interpret, is_pow2
 from pallas_kernels.int8_codec import QUANT_MAX, QUANT_SCALE
 from pallas_kernels.nn_search_reference import PAD_INDEX, nn_search_reference
 
@@ -86,10 +87,6 @@ MAX_K = 128
 _RADIX_BITS = 4
 _INT32_MIN = -(2 ** 31)
 _NORM_EPS = 1e-12
-
-
-def _is_pow2(n: int) -> bool:
-    return n >= 1 and (n & (n - 1)) == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,17 +112,10 @@ class NNSearchConfig:
     survivors: int = 0
 
     def __post_init__(self) -> None:
-        if self.survivors and not _is_pow2(self.survivors):
+        if self.survivors and not is_pow2(self.survivors):
             raise ValueError(f"NNSearchConfig.survivors: expected 0 or a power of two, got "
                              f"{self.survivors}")
-        for name in ("block_c", "block_t"):
-            value = getattr(self, name)
-            if not _is_pow2(value) or value < 16:
-                raise ValueError(f"NNSearchConfig.{name}: expected a power of two >= 16, got {value}")
-        if not _is_pow2(self.num_warps) or self.num_warps > 16:
-            raise ValueError(f"NNSearchConfig.num_warps: expected 1, 2, 4, 8 or 16, got {self.num_warps}")
-        if self.num_stages < 1:
-            raise ValueError(f"NNSearchConfig.num_stages: expected >= 1, got {self.num_stages}")
+        check_tiling(self, ("block_c", "block_t"))
 
 
 def _wrap_int32(value: int) -> jax.Array:
@@ -362,7 +352,7 @@ def _validate(seq_q, offsets, lengths, cand, cand_to_req, k: int) -> None:
     if seq_q.ndim != 2 or seq_q.dtype != jnp.int8:
         raise ValueError(f"seq_q: expected (T, D) int8 codes, got {seq_q.shape} {seq_q.dtype}")
     d = seq_q.shape[1]
-    if not _is_pow2(d) or d < 16:
+    if not is_pow2(d) or d < 16:
         raise ValueError(f"seq_q: embedding width must be a power of two >= 16, got {d}")
     if cand.ndim != 2 or cand.shape[1] != d or not jnp.issubdtype(cand.dtype, jnp.floating):
         raise ValueError(f"cand: expected (N, {d}) float, got {cand.shape} {cand.dtype}")
@@ -374,10 +364,6 @@ def _validate(seq_q, offsets, lengths, cand, cand_to_req, k: int) -> None:
                          f"{lengths.shape}")
     if not 1 <= k <= MAX_K:
         raise ValueError(f"k: expected 1 <= k <= {MAX_K}, got {k}")
-
-
-def _default_interpret() -> bool:
-    return jax.default_backend() != "gpu"
 
 
 @functools.partial(jax.jit, static_argnames=("k", "scale", "config", "interpret"))
@@ -407,7 +393,7 @@ def nn_search_jagged(seq_q: jax.Array, offsets: jax.Array, lengths: jax.Array, c
     """
     _validate(seq_q, offsets, lengths, cand, cand_to_req, k)
     config = config or NNSearchConfig()
-    interpret = _default_interpret() if interpret is None else interpret
+    interpret = default_interpret() if interpret is None else interpret
     n = cand.shape[0]
     num_req = offsets.shape[0]
     if n == 0:

@@ -59,20 +59,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels._common import check_tiling, default_interpret, is_pow2, next_pow2
 from pallas_kernels.skut_reference import EncoderWeights, skut_reference
 
 A10G_SMEM_BYTES = 101_376
 """Shared memory one block may use on an A10G (sm_86): 99 KiB."""
 
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-
-def _is_pow2(n: int) -> bool:
-    return n >= 1 and (n & (n - 1)) == 0
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 MAX_RESIDENT_TILES = 8
@@ -90,8 +83,8 @@ class SkutConfig:
       num_stages: software-pipelining stages of the loops (Triton).
       resident: keep the whole sequence on chip (unrolled tiles; needs ``ceil(L / block_q) <=
         MAX_RESIDENT_TILES``) instead of streaming query tiles with a ping-pong buffer. Slower than
-        streaming on an H100 (register spills) and, in float32 with 64-row tiles, its Triton
-        compile did not finish within 5 minutes there; never chosen by :meth:`default`.
+        streaming on an H100 (register spills); float32 with 64-row tiles is refused (its Triton
+        compile did not finish within 5 minutes there); never chosen by :meth:`default`.
     """
 
     block_q: int = 64
@@ -101,21 +94,18 @@ class SkutConfig:
     resident: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("block_q", "block_k"):
-            value = getattr(self, name)
-            if not _is_pow2(value) or value < 16:
-                raise ValueError(f"SkutConfig.{name}: expected a power of two >= 16, got {value}")
-        if not _is_pow2(self.num_warps) or self.num_warps > 16:
-            raise ValueError(f"SkutConfig.num_warps: expected 1, 2, 4, 8 or 16, got {self.num_warps}")
-        if self.num_stages < 1:
-            raise ValueError(f"SkutConfig.num_stages: expected >= 1, got {self.num_stages}")
+        check_tiling(self, ("block_q", "block_k"))
 
-    def check_length(self, length: int) -> None:
-        """Raise if this config cannot run sequences of ``length``."""
+    def check(self, length: int, dtype) -> None:
+        """Raise if this config cannot run sequences of ``length`` in ``dtype``."""
         tiles = -(-length // self.block_q)
         if self.resident and tiles > MAX_RESIDENT_TILES:
             raise ValueError(f"SkutConfig.resident: L={length} is {tiles} tiles of {self.block_q} "
                              f"rows, more than MAX_RESIDENT_TILES={MAX_RESIDENT_TILES}")
+        if self.resident and self.block_q >= 64 and jnp.dtype(dtype) == jnp.float32:
+            raise ValueError("SkutConfig.resident: float32 with 64-row tiles is not supported (its "
+                             "Triton compile did not finish in 5 minutes on an H100); use "
+                             "block_q <= 32 or the streaming variant")
 
     @classmethod
     def default(cls, length: int, d_model: int = 64, dtype=jnp.bfloat16) -> "SkutConfig":
@@ -131,7 +121,7 @@ class SkutConfig:
         """
         del d_model
         cap = 16 if jnp.dtype(dtype) == jnp.float32 else 64
-        block = max(16, min(cap, _next_pow2(max(length, 1))))
+        block = max(16, min(cap, next_pow2(max(length, 1))))
         return cls(block_q=block, block_k=block, num_warps=4, num_stages=1, resident=False)
 
 
@@ -370,15 +360,11 @@ def _validate(x: jax.Array, mask: jax.Array, weights: EncoderWeights, num_heads:
         raise ValueError(f"num_heads: {num_heads} does not divide d_model={d}")
     dh = d // num_heads
     for name, value in (("d_model", d), ("dim_feedforward", f), ("head dim d_model/num_heads", dh)):
-        if not _is_pow2(value) or value < 16:
+        if not is_pow2(value) or value < 16:
             raise ValueError(f"weights: SKUT needs {name} to be a power of two >= 16 (Triton tile "
                              f"sizes), got {value}; use impl='xla' for other widths")
     if x.shape[1] < 1:
         raise ValueError("x: sequence length must be >= 1")
-
-
-def _default_interpret() -> bool:
-    return jax.default_backend() != "gpu"
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "causal", "eps", "config", "interpret"))
@@ -433,8 +419,8 @@ def _skut_forward(x: jax.Array, mask: jax.Array, weights: EncoderWeights, *, num
          interpret: Optional[bool] = None) -> jax.Array:
     batch, length, d = x.shape
     config = config or SkutConfig.default(length, d, x.dtype)
-    config.check_length(length)
-    interpret = _default_interpret() if interpret is None else interpret
+    config.check(length, x.dtype)
+    interpret = default_interpret() if interpret is None else interpret
     cdt = x.dtype
     mask_i = mask if mask.dtype in (jnp.int8, jnp.int32) else mask.astype(jnp.int8)
     # Weights go in as they are (the kernel casts matrices to the compute dtype in registers), so

@@ -1,0 +1,31 @@
+"""Small helpers shared by the Pallas kernels: tile-size checks and the interpret-mode default."""
+from __future__ import annotations
+
+import jax
+
+
+def is_pow2(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def check_tiling(config, blocks) -> None:
+    """Validate a kernel config: each field in ``blocks`` a power of two >= 16 (Triton tile sizes),
+    ``num_warps`` a power of two <= 16, ``num_stages`` >= 1. Errors name ``Class.field``."""
+    cls = type(config).__name__
+    for name in blocks:
+        value = getattr(config, name)
+        if not is_pow2(value) or value < 16:
+            raise ValueError(f"{cls}.{name}: expected a power of two >= 16, got {value}")
+    if not is_pow2(config.num_warps) or config.num_warps > 16:
+        raise ValueError(f"{cls}.num_warps: expected 1, 2, 4, 8 or 16, got {config.num_warps}")
+    if config.num_stages < 1:
+        raise ValueError(f"{cls}.num_stages: expected >= 1, got {config.num_stages}")
+
+
+def default_interpret() -> bool:
+    """Pallas interpret mode unless a GPU backend is present (CPU tests run the kernels there)."""
+    return jax.default_backend() != "gpu"
