@@ -80,12 +80,20 @@ def sm86_shared(ttir: str, num_warps: int, num_stages: int) -> dict:
 
 
 def measure(compile_fn, num_warps: int, num_stages: int) -> dict:
-    """Compile (``compile_fn()``) and return both figures for the last Pallas kernel it lowered."""
+    """Compile (``compile_fn()``) and return both figures, the maximum over every Pallas kernel it
+    lowered (``sm86.per_kernel`` lists each)."""
     new_log_text()
     before = len(TTIR)
     compile_fn()
     logged = logged_shared_bytes(new_log_text())
-    row = {"sm90_shared_bytes": max(logged) if logged else None}
-    if len(TTIR) > before:
-        row["sm86"] = sm86_shared(TTIR[-1], num_warps, num_stages)
+    row = {"sm90_shared_bytes": max(logged) if logged else None, "sm90_per_kernel": logged}
+    per_kernel = [sm86_shared(ir, num_warps, num_stages) for ir in TTIR[before:]]
+    if per_kernel:
+        sizes = [r["shared_bytes"] for r in per_kernel if "shared_bytes" in r]
+        row["sm86"] = dict(per_kernel[-1], per_kernel=per_kernel)
+        if len(sizes) == len(per_kernel):
+            row["sm86"]["shared_bytes"] = max(sizes)
+        else:
+            row["sm86"].pop("shared_bytes", None)
+            row["sm86"]["error"] = "some kernels did not compile for sm_86"
     return row

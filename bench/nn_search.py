@@ -28,6 +28,7 @@ Writes ``bench/results/nn_search.json``, ``nn_search.png`` and ``nn_search.md``.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -35,6 +36,7 @@ if __name__ == "__main__":
     import _smem
     _smem.start_log()   # before jax starts
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 
 import jax  # noqa: E402
@@ -45,7 +47,7 @@ from jax import lax  # noqa: E402
 import _smem  # noqa: E402
 from _env import RESULTS, environment, time_device_calls  # noqa: E402
 from pallas_kernels.int8_codec import QUANT_SCALE, dequantize_int8, l2_normalize  # noqa: E402
-from pallas_kernels.nn_search import NNSearchConfig, nn_search_jagged  # noqa: E402
+from pallas_kernels.nn_search import NNSearchConfig, _search, nn_search_jagged  # noqa: E402
 from pallas_kernels.nn_search_reference import masked_top_k  # noqa: E402
 
 A10G_SMEM_BYTES = 101_376
@@ -53,7 +55,7 @@ D, K, N_TOTAL = 32, 96, 4096
 LENGTHS = (1024, 4096, 10_000, 16_384)
 CANDS = (64, 256, 1024)
 CALLS = 10
-PASSES = 9   # radix passes + selection pass of the kernel
+PASSES = 2   # bound + collect passes of the main kernel (the fallback adds 9 when it runs)
 
 
 def time_jax(fn, args, repeats: int) -> dict:
@@ -82,14 +84,25 @@ def dedup_pipeline(precision):
     return run
 
 
-def kernel_pipeline(config: NNSearchConfig):
-    @jax.jit
-    def run(flat, offsets, lengths, cand, c2r):
-        return nn_search_jagged(flat, offsets, lengths, cand, c2r, k=K, config=config)
-    return run
+def kernel_pipeline(config: NNSearchConfig, phases: int = 3):
+    """The kernel (``phases`` < 3: the main kernel stopped after the bound / the collect pass,
+    for profiling; those outputs are not search results)."""
+    if phases == 3:
+        @jax.jit
+        def run(flat, offsets, lengths, cand, c2r):
+            return nn_search_jagged(flat, offsets, lengths, cand, c2r, k=K, config=config)
+        return run
+    return jax.jit(functools.partial(_search, k=K, scale=QUANT_SCALE, config=config,
+                                     interpret=False, phases=phases))
 
 
-def run_shape(length: int, cpr: int, repeats: int, config: NNSearchConfig, variants=()) -> dict:
+def variant_name(v: NNSearchConfig) -> str:
+    return (f"kernel_c{v.block_c}_t{v.block_t}_w{v.num_warps}_s{v.num_stages}"
+            f"_b{v.bins}_v{v.survivors}")
+
+
+def run_shape(length: int, cpr: int, repeats: int, config: NNSearchConfig, variants=(),
+              profile=()) -> dict:
     u = N_TOTAL // cpr
     n = u * cpr
     rng = np.random.default_rng(length + cpr)
@@ -115,12 +128,30 @@ def run_shape(length: int, cpr: int, repeats: int, config: NNSearchConfig, varia
     row["kernel_index_rows_equal_reference"] = float(np.mean(np.all(np.asarray(k_idx) == r_idx, axis=1)))
     row["impls"]["kernel"] = time_jax(kern, (flat, offsets, lengths, cand, c2r), repeats)
     for v in variants:   # other tilings (--tune)
-        name = f"kernel_c{v.block_c}_t{v.block_t}_w{v.num_warps}_s{v.num_stages}"
-        fn = kernel_pipeline(v)
-        row["impls"][name] = time_jax(fn, (flat, offsets, lengths, cand, c2r), repeats)
-        v_idx, _ = fn(flat, offsets, lengths, cand, c2r)
+        name = variant_name(v)
+        try:
+            fn = kernel_pipeline(v)
+            row["impls"][name] = time_jax(fn, (flat, offsets, lengths, cand, c2r), repeats)
+            v_idx, _ = fn(flat, offsets, lengths, cand, c2r)
+            row["impls"][name]["index_rows_equal_reference"] = float(
+                np.mean(np.all(np.asarray(v_idx) == r_idx, axis=1)))
+            print(f"    {name}: {row['impls'][name]['median_us']:.1f} us", flush=True)
+        except Exception as exc:  # noqa: BLE001  (a tiling that does not compile / fit)
+            row["impls"][name] = {"error": repr(exc)[:300]}
+            print(f"    {name}: {exc!r}"[:300], flush=True)
+    for phases in profile:   # --profile: where the kernel's time goes
+        name = f"kernel_phases{phases}"
+        row["impls"][name] = time_jax(kernel_pipeline(config, phases),
+                                      (flat, offsets, lengths, cand, c2r), repeats)
+        print(f"    {name}: {row['impls'][name]['median_us']:.1f} us", flush=True)
+    if profile:          # the worst case: every block overflows and takes the fallback kernel
+        worst = dataclasses.replace(config, survivors=16)
+        name = "kernel_forced_fallback"
+        fn = kernel_pipeline(worst)
+        row["impls"][name] = time_jax(fn, (flat, offsets, lengths, cand, c2r), max(3, repeats // 5))
+        w_idx, _ = fn(flat, offsets, lengths, cand, c2r)
         row["impls"][name]["index_rows_equal_reference"] = float(
-            np.mean(np.all(np.asarray(v_idx) == r_idx, axis=1)))
+            np.mean(np.all(np.asarray(w_idx) == r_idx, axis=1)))
         print(f"    {name}: {row['impls'][name]['median_us']:.1f} us", flush=True)
     for name, prec in (("dedup_highest", lax.Precision.HIGHEST), ("dedup_default", lax.Precision.DEFAULT)):
         fn = dedup_pipeline(prec)
@@ -179,6 +210,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--tune", action="store_true", help="also time other tilings at each shape")
+    ap.add_argument("--profile", action="store_true",
+                    help="also time the main kernel stopped after each pass, and the forced fallback")
     ap.add_argument("--results", default=RESULTS)
     args = ap.parse_args()
     if jax.default_backend() != "gpu":
@@ -189,9 +222,11 @@ def main() -> None:
     result = {"environment": env, "config": config.__dict__, "k": K, "candidates_per_batch": N_TOTAL,
               "timing": f"median of samples of {CALLS} back-to-back calls, compile excluded"}
     shapes = [(10_000, 256)] if args.quick else [(L, c) for L in LENGTHS for c in CANDS]
-    variants = [NNSearchConfig(block_c=c, block_t=t, num_warps=w) for c, t, w in
-                ((16, 32, 4), (16, 128, 4), (32, 64, 4), (16, 64, 8), (32, 64, 8))] if args.tune else []
-    rows = [run_shape(L, c, args.repeats, config, variants) for L, c in shapes]
+    variants = [NNSearchConfig(block_c=c, block_t=t, num_warps=w, num_stages=st) for c, t, w, st in
+                ((16, 32, 4, 1), (16, 128, 4, 1), (32, 64, 4, 1), (16, 64, 2, 1), (16, 64, 8, 1),
+                 (32, 64, 8, 1), (16, 64, 4, 2), (16, 64, 4, 3))] if args.tune else []
+    rows = [run_shape(L, c, args.repeats, config, variants, (1, 2) if args.profile else ())
+            for L, c in shapes]
     result["rows"] = rows
     # shared memory of the shipped configuration
     seq = jnp.zeros((64, D), jnp.int8)

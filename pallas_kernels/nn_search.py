@@ -1,11 +1,11 @@
-"""Fused, broadcast-free int8 NN search in one Pallas (Triton backend) kernel (paper §3.4.2).
+"""Fused, broadcast-free int8 NN search in Pallas (Triton backend) kernels (paper §3.4.2).
 
 Computes exactly :func:`pallas_kernels.nn_search_reference.nn_search_reference` (SPEC §2): for every
 candidate, the K tokens of its request's sequence with the highest cosine score, ties to the lower
 index, padding never selected, returned in chronological order with ``-1`` / ``-inf`` padding.
 
 Inputs are de-duplicated: one copy of each request's int8 sequence (jagged, ``offsets``) and a
-candidate -> request index, so no sequence is ever broadcast per candidate. The kernel reads the
+candidate -> request index, so no sequence is ever broadcast per candidate. The kernels read the
 int8 codes directly; dequantization, L2 normalization and scoring happen in registers, and neither
 the dequantized sequence nor the candidates x L score matrix is written to memory.
 
@@ -21,56 +21,53 @@ In-kernel top-K without sort (Triton has no sort / top_k lowering)
 -----------------------------------------------------------------
 Scores are mapped to int32 keys whose signed order is the float order (``bits`` for s >= 0,
 ``bits ^ 0x7fffffff`` for s < 0; -0.0 is first turned into +0.0), so "top K by score, ties to the
-lower index" is "top K by (key, -index)". Per candidate row:
+lower index" is "top K by (key, -index)". Per candidate row, the main kernel makes two passes over
+the tokens:
 
-1. **Bound** (one pass over the tokens). Token ``i`` falls in bin ``i % W`` of ``W >= 2K`` bins (held
-   as ``W / block_t`` tile-shaped accumulators); the running per-bin maximum is an elementwise
-   ``max`` of tiles. The K-th largest
-   of the W bin maxima, ``T_lo``, is the score of K distinct tokens, so at least K tokens score
-   ``>= T_lo``, and on typical data few more do (about 1.3 K).
-2. **Collect** (one pass). Tokens with ``key >= T_lo`` are appended, in index order, to a small
-   per-row buffer (``survivors`` entries: key and index); slots come from a running count plus a
-   prefix sum (``cumsum``) within the tile, written with a masked scatter store.
+1. **Bound.** Token ``i`` of tile ``t`` falls in bin ``(t mod G) * block_t + (i mod block_t)`` of
+   ``W = G * block_t >= K`` bins. The per-bin running maximum is an elementwise ``max`` into G
+   tile-shaped accumulators (no cross-thread reduction in the loop). The K-th largest of the W bin
+   maxima, ``T_lo``, is the score of K distinct tokens, so at least K tokens score ``>= T_lo``;
+   on random data about 1.2-1.8 K do (W = 2K).
+2. **Collect.** Tokens with ``key >= T_lo`` are appended, in index order, to a small per-row buffer
+   in global memory (``survivors`` entries of key and index; it stays in L1/L2); slots come from a
+   running count plus a prefix sum (``cumsum``) within the tile, written with a masked scatter
+   store.
 3. **Select** (registers). The exact K-th largest key T* among the survivors is found by radix
    select, 4 bits per step from the top: with the prefix fixed so far, count the keys ``>= prefix
    + d * 16**shift`` for d = 1..15 and extend the prefix by the largest digit whose count is still
-   >= K; eight steps give T*, and the count above the chosen digit gives #(key > T*). The output is
-   ``key > T*`` plus the first ``K - #(key > T*)`` survivors with ``key == T*`` (they are in index
-   order, so exact ties go to the lower index, as in ``lax.top_k``), each written to slot "running
-   count + prefix sum": chronological order falls out of the scan order, no sort needed. Slots past
-   the number of selected tokens get ``-1`` / ``-inf``.
-4. **Fallback.** If a row of the block has more survivors than the buffer (many equal or
-   near-equal scores, e.g. a zero candidate), the block runs the same radix select over the whole
-   sequence instead, re-scoring all tokens on each of the eight steps, then a selection pass. Exact,
-   just slower; the loops have zero trips otherwise.
+   >= K; eight steps give T*, and the count above the chosen digit gives #(key > T*). The same
+   radix select finds T_lo over the bins. The output is ``key > T*`` plus the first
+   ``K - #(key > T*)`` survivors with ``key == T*`` (they are in index order, so exact ties go to
+   the lower index, as in ``lax.top_k``), each written to slot "running count + prefix sum":
+   chronological order falls out of the scan order, no sort needed. Slots past the number of
+   selected tokens get ``-1`` / ``-inf``.
+4. **Fallback.** The main kernel flags a block if one of its rows has more survivors than the
+   buffer holds (many equal or near-equal scores: a zero candidate, one token repeated hundreds of
+   times). Only then (``lax.cond``) a second kernel runs the same radix select over the whole
+   sequence of the flagged blocks, re-scoring every token on each of its eight steps, then a
+   selection pass, and overwrites those blocks' rows in place (aliased outputs). Exact, slower,
+   and rare; other blocks exit at once.
 
 A row with fewer than K valid tokens never finds a digit (every count < K), keeps T* = INT32_MIN,
 which no valid key equals, and selects all its valid tokens.
 
-Every pass scores tokens with the same tile shape, so a token's key is bit-identical in every pass
-(a bound computed in pass 1 is exact in pass 2). Global-memory traffic per program: its request's
-int8 sequence twice (32 B per token per pass, from L2 for all but the first program of a request),
-the survivor buffer, and the outputs; never a score matrix.
-
-Status (2026-11-22, H100, jax 0.11.2): the first version of the full-radix algorithm (today's default path,
-``survivors=0``, before it was refactored into helpers shared with the survivor path; the refactor
-is not yet re-run on a GPU) returned the exact reference's indices on every row, but took 6.4 ms at L_LL = 10k with 256
-candidates per request (4096 candidates, K = 96), against 3.7 ms for the de-duplicated XLA pipeline:
-it is ALU-bound on nine passes of scoring plus fifteen compare-and-count reductions per token. The
-survivor path was slower in its first GPU version (11 ms, 256-wide tiles) and its current version
-was not measured (its compile did not finish within the 100 s probe). Both are exact and tested in
-interpret mode; see ``bench/nn_search.py`` and the issue notes.
+Every pass scores tokens with the same tile shape and instruction sequence, so a token's key is
+bit-identical in every pass and kernel (a bound computed in pass 1 is exact in pass 2). Global
+memory traffic per program: its request's int8 sequence twice (32 B per token per pass, from L2 for
+all but the first program of a request), the survivor buffer, and the outputs; never a score
+matrix.
 
 Numerics: scores are float32 with IEEE float32 products (no TF32): a token's score is computed by
-the same instruction sequence wherever it sits, so duplicate tokens tie exactly. Against the
-float64 brute force, selections agree except between tokens whose scores are within float32
-rounding (~1e-6) of the K-th score: the "near-tie band" the tests document.
+the same instructions wherever it sits, so duplicate tokens tie exactly. Against the float64
+brute force, selections agree except between tokens whose scores are within float32 rounding
+(~1e-6) of the K-th score: the "near-tie band" the tests document.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal, Optional, Tuple
+from typing import Literal, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -78,7 +75,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import check_tiling, default_interpret, is_pow2
+from pallas_kernels._common import check_tiling, default_interpret, is_pow2, next_pow2
 from pallas_kernels.int8_codec import QUANT_MAX, QUANT_SCALE
 from pallas_kernels.nn_search_reference import PAD_INDEX, nn_search_reference
 
@@ -91,31 +88,46 @@ _NORM_EPS = 1e-12
 
 @dataclasses.dataclass(frozen=True)
 class NNSearchConfig:
-    """Tiling of the NN-search kernel.
+    """Tiling of the NN-search kernels.
 
     Attributes:
       block_c: candidates per program, all from one request (power of two, >= 16).
       block_t: sequence tokens per tile (power of two, >= 16).
       num_warps: warps per program (Triton).
       num_stages: software-pipelining stages of the token loops (Triton).
-      survivors: 0 (default): exact radix select over the whole sequence (steps 3-4 of the module
-        docstring on all tokens: 9 passes). A power of two: enable the bound + survivor buffer
-        (steps 1-3, 2 passes; at least ``2 * next_pow2(K)`` entries are used); typically ~1.3 K
-        tokens survive, and a block with a row over the buffer takes the full radix select.
-        Tested in interpret mode only; see the module docstring's status note.
+      bins: W, the bins of the pass-1 bound (0: ``max(2 * next_pow2(K), block_t)``); a power of
+        two >= ``block_t`` and >= K (fewer bins than K bound nothing).
+      survivors: capacity of the per-row survivor buffer (0: ``2 * next_pow2(K)``; else a power of
+        two >= 16). A block with a row over it is redone by the exact fallback kernel.
     """
 
     block_c: int = 16
     block_t: int = 64
     num_warps: int = 4
     num_stages: int = 1
+    bins: int = 0
     survivors: int = 0
 
     def __post_init__(self) -> None:
-        if self.survivors and not is_pow2(self.survivors):
-            raise ValueError(f"NNSearchConfig.survivors: expected 0 or a power of two, got "
-                             f"{self.survivors}")
         check_tiling(self, ("block_c", "block_t"))
+        if self.survivors and (not is_pow2(self.survivors) or self.survivors < 16):
+            raise ValueError(f"NNSearchConfig.survivors: expected 0 or a power of two >= 16, got "
+                             f"{self.survivors}")
+        if self.bins and (not is_pow2(self.bins) or self.bins < self.block_t):
+            raise ValueError(f"NNSearchConfig.bins: expected 0 or a power of two >= block_t "
+                             f"({self.block_t}), got {self.bins}")
+
+    def resolve(self, k: int) -> Tuple[int, int]:
+        """(bins, survivors) for top-``k``: defaults filled in, bins checked against ``k``."""
+        k_pad = next_pow2(k)
+        bins = self.bins or max(2 * k_pad, self.block_t)
+        if bins < k:
+            raise ValueError(f"NNSearchConfig.bins: {bins} bins cannot bound the top {k}; "
+                             f"use at least {next_pow2(k)}")
+        return bins, self.survivors or 2 * k_pad
+
+
+# ----------------------------------------------------------------------------- in-kernel helpers
 
 
 def _wrap_int32(value: int) -> jax.Array:
@@ -184,11 +196,22 @@ def _select(keys, valid, kth, need_ties, written, ties_seen):
     return sel, slot, written + jnp.sum(sel_i, axis=1), ties_seen + jnp.sum(eq, axis=1)
 
 
-def _nn_search_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
-                      perm_ref, seq_ref, cand_ref, idx_ref, score_ref, surv_key_ref, surv_idx_ref,
-                      *, k: int, k_pad: int, bins: int, capacity: int, block_c: int, block_t: int,
-                      scale: float, trash: bool):
-    p = pl.program_id(0)
+class _Block(NamedTuple):
+    """What program ``p`` knows about its block of candidates (see ``_block_table``)."""
+
+    start: jax.Array          # first row of the request's tokens in the flat sequence
+    length: jax.Array         # the request's length (0 for surplus programs)
+    num_tiles: jax.Array
+    rows: jax.Array           # (block_c,) 0..block_c-1
+    row_ok: jax.Array         # (block_c,) rows that hold a candidate
+    c_norm: jax.Array         # (block_c, D) L2-normalized candidate embeddings
+    out_rows: jax.Array       # (block_c, 1) output row of each candidate (or a spare row)
+    trash: bool               # interpret mode: masked-off scatter lanes go to spare targets
+
+
+def _load_block(p, block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
+                perm_ref, cand_ref, n_out: int, *, block_c: int, block_t: int,
+                trash: bool) -> _Block:
     req = block_req_ref[p]
     row0 = block_row_ref[p]
     count = block_cnt_ref[p]                        # 0 for surplus programs
@@ -196,8 +219,6 @@ def _nn_search_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, 
     safe_req = jnp.where(has_req, req, 0)
     start = offsets_ref[safe_req]
     length = jnp.where(has_req, lengths_ref[safe_req], 0)
-    num_tiles = lax.div(length + block_t - 1, block_t)
-
     rows = jnp.arange(block_c)
     row_ok = rows < count
     cand_rows = plgpu.load(perm_ref.at[pl.ds(row0, block_c)], mask=row_ok, other=0)
@@ -205,125 +226,165 @@ def _nn_search_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, 
     c = plgpu.load(cand_ref.at[cand_rows[:, None], jnp.arange(d)[None, :]], mask=row_ok[:, None],
                    other=0).astype(jnp.float32)
     c_norm = c / jnp.maximum(jnp.sqrt(jnp.sum(c * c, axis=1, keepdims=True)), _NORM_EPS)
-
-    def tile(t, width):
-        return _score_keys(c_norm, seq_ref, start, t * width, width, length, scale)
-
-    # Scatter targets. Compiled, masked-off lanes store nothing. Interpret mode emulates a masked
-    # scatter by writing the old value back, so there every masked-off lane gets its own spare
-    # target (rows past N, columns past the used ones) that the wrapper slices away.
-    n_out = idx_ref.shape[0] - (block_c if trash else 0)
+    # Compiled, masked-off scatter lanes store nothing. Interpret mode emulates a masked scatter by
+    # writing the old value back, so there every masked-off lane gets its own spare target (rows
+    # past N, columns past the used ones) that the wrapper slices away.
     out_rows = jnp.where(row_ok, cand_rows, n_out + rows if trash else 0)[:, None]
+    return _Block(start, length, lax.div(length + block_t - 1, block_t), rows, row_ok, c_norm,
+                  out_rows, trash)
 
-    def spare(cols_used, width):
-        return (cols_used + jnp.arange(width))[None, :] if trash else 0
 
-    def store_out(sel, slot, idx_vals, score_vals):
-        slot = jnp.where(sel, slot, spare(k, sel.shape[1]))
-        plgpu.store(idx_ref.at[out_rows, slot], idx_vals, mask=sel)
-        plgpu.store(score_ref.at[out_rows, slot], score_vals, mask=sel)
+def _spare(blk: _Block, cols_used: int, width: int):
+    return (cols_used + jnp.arange(width))[None, :] if blk.trash else 0
 
-    def survivor_path():
-        # ---- pass 1: lower bound T_lo on the K-th score. Token i falls in bin i % bins (bins >= 2K);
-        # the K-th largest bin maximum is the score of K distinct tokens, so >= K tokens score >= T_lo.
-        # The W bins are held as W / block_t accumulators of tile width, so every pass scores the
-        # same (block_c, block_t) tiles (bit-identical keys) and tiles stay register-sized.
-        groups = bins // block_t
-        surv_rows = (p * block_c + rows)[:, None]
 
-        def bin_max(t, ms):
-            _, keys, _, valid = tile(t, block_t)
-            keys = jnp.where(valid[None, :], keys, _INT32_MIN)
-            g = lax.rem(t, groups)
-            return tuple(jnp.where(g == j, jnp.maximum(mj, keys), mj) for j, mj in enumerate(ms))
+def _store_selected(blk: _Block, idx_ref, score_ref, k: int, sel, slot, idx_vals, score_vals):
+    slot = jnp.where(sel, slot, _spare(blk, k, sel.shape[1]))
+    plgpu.store(idx_ref.at[blk.out_rows, slot], idx_vals, mask=sel)
+    plgpu.store(score_ref.at[blk.out_rows, slot], score_vals, mask=sel)
 
-        ms = lax.fori_loop(0, num_tiles, bin_max,
-                           tuple(jnp.full((block_c, block_t), _INT32_MIN, jnp.int32)
-                                 for _ in range(groups)))
-        # Gather the groups into one (block_c, bins) array through the row's buffer (one radix
-        # select over it instead of one per group: a much smaller program).
+
+def _store_padding(blk: _Block, idx_ref, score_ref, k: int, written, live):
+    """-1 / -inf in slots [written, k) of the rows where ``live``: disjoint from the selected slots,
+    so no ordering against their stores is needed."""
+    k_pad = next_pow2(k)
+    cols = jnp.arange(k_pad)[None, :]
+    pad = (live & blk.row_ok)[:, None] & (cols >= written[:, None]) & (cols < k)
+    if blk.trash:
+        cols_t = jnp.where(pad, cols, k + cols)
+    else:
+        cols_t = jnp.broadcast_to(jnp.where(cols < k, cols, 0), pad.shape)
+    plgpu.store(idx_ref.at[blk.out_rows, cols_t], jnp.full(pad.shape, PAD_INDEX, jnp.int32),
+                mask=pad)
+    plgpu.store(score_ref.at[blk.out_rows, cols_t], jnp.full(pad.shape, -jnp.inf, jnp.float32),
+                mask=pad)
+
+
+def _barrier(blk: _Block) -> None:
+    if not blk.trash:          # interpret mode runs one program at a time: nothing to order
+        plgpu.debug_barrier()
+
+
+# -------------------------------------------------------------------------------------- kernels
+
+
+def _survivor_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
+                     perm_ref, seq_ref, cand_ref, idx_ref, score_ref, overflow_ref, buf_key_ref,
+                     buf_idx_ref, *, k: int, bins: int, capacity: int, block_c: int,
+                     block_t: int, scale: float, trash: bool, phases: int):
+    """Steps 1-3 of the module docstring for one block; flags the block if a row overflows."""
+    p = pl.program_id(0)
+    n_out = idx_ref.shape[0] - (block_c if trash else 0)
+    blk = _load_block(p, block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
+                      perm_ref, cand_ref, n_out, block_c=block_c, block_t=block_t, trash=trash)
+
+    def tile(t):
+        return _score_keys(blk.c_norm, seq_ref, blk.start, t * block_t, block_t, blk.length, scale)
+
+    # ---- pass 1: bin maxima. G tile-shaped accumulators, the loop unrolled by G so that tile
+    # t always lands in accumulator t mod G; tiles past the end are all invalid (INT32_MIN).
+    groups = bins // block_t
+
+    def bin_max(s, ms):
+        out = []
         for j, mj in enumerate(ms):
-            plgpu.store(surv_key_ref.at[surv_rows, (j * block_t + jnp.arange(block_t))[None, :]],
-                        mj)
-        if not trash:
-            plgpu.debug_barrier()
-        bin_cols = jnp.arange(bins)[None, :]
-        m = plgpu.load(surv_key_ref.at[surv_rows, bin_cols])
-        if not trash:
-            plgpu.debug_barrier()    # all reads of the bins finish before pass 2 overwrites them
-        t_lo, _ = _radix_kth(lambda th: _count_ge(m, m > _INT32_MIN, th), k, block_c)
+            _, keys, _, valid = tile(s * groups + j)
+            out.append(jnp.maximum(mj, jnp.where(valid[None, :], keys, _INT32_MIN)))
+        return tuple(out)
 
-        # ---- pass 2: the survivors (key >= T_lo), in index order, into a small per-row buffer
+    ms = lax.fori_loop(0, lax.div(blk.num_tiles + groups - 1, groups), bin_max,
+                       tuple(jnp.full((block_c, block_t), _INT32_MIN, jnp.int32)
+                             for _ in range(groups)))
+    # T_lo = K-th largest bin maximum: the groups meet in one (block_c, W) array through the row's
+    # buffer (one radix select over it instead of one per group: a smaller program).
+    buf_rows = (p * block_c + blk.rows)[:, None]
+    for j, mj in enumerate(ms):
+        plgpu.store(buf_key_ref.at[buf_rows, (j * block_t + jnp.arange(block_t))[None, :]], mj)
+    _barrier(blk)
+    m = plgpu.load(buf_key_ref.at[buf_rows, jnp.arange(bins)[None, :]])
+    _barrier(blk)                    # all reads of the bins finish before pass 2 overwrites them
+    t_lo, _ = _radix_kth(lambda th: _count_ge(m, m > _INT32_MIN, th), k, block_c)
+    if phases == 1:                  # profiling: stop after the bound
+        plgpu.store(idx_ref.at[blk.out_rows, jnp.arange(16)[None, :]],
+                    jnp.broadcast_to(t_lo[:, None], (block_c, 16)))
+        return
 
-        def collect(t, written):
-            _, keys, pos, valid = tile(t, block_t)
-            keep = valid[None, :] & (keys >= t_lo[:, None]) & row_ok[:, None]
-            keep_i = keep.astype(jnp.int32)
-            slot = written[:, None] + jnp.cumsum(keep_i, axis=1) - 1
-            fits = keep & (slot < capacity)
-            slot = jnp.where(fits, slot, spare(capacity, block_t))
-            plgpu.store(surv_key_ref.at[surv_rows, slot], keys, mask=fits)
-            plgpu.store(surv_idx_ref.at[surv_rows, slot],
-                        jnp.broadcast_to(pos[None, :], keys.shape).astype(jnp.int32), mask=fits)
-            return written + jnp.sum(keep_i, axis=1)
+    # ---- pass 2: the survivors (key >= T_lo), in index order, into the row's buffer
+    def collect(t, written):
+        _, keys, pos, valid = tile(t)
+        keep = valid[None, :] & (keys >= t_lo[:, None]) & blk.row_ok[:, None]
+        keep_i = keep.astype(jnp.int32)
+        slot = written[:, None] + jnp.cumsum(keep_i, axis=1) - 1
+        fits = keep & (slot < capacity)
+        slot = jnp.where(fits, slot, _spare(blk, capacity, block_t))
+        plgpu.store(buf_key_ref.at[buf_rows, slot], keys, mask=fits)
+        plgpu.store(buf_idx_ref.at[buf_rows, slot],
+                    jnp.broadcast_to(pos[None, :], keys.shape).astype(jnp.int32), mask=fits)
+        return written + jnp.sum(keep_i, axis=1)
 
-        survivors = lax.fori_loop(0, num_tiles, collect, jnp.zeros((block_c,), jnp.int32))
-        overflow = jnp.max(jnp.where(row_ok, survivors, 0)) > capacity
-        if not trash:
-            plgpu.debug_barrier()        # survivors stored by all warps are read back below
+    survivors = lax.fori_loop(0, blk.num_tiles, collect, jnp.zeros((block_c,), jnp.int32))
+    overflow = jnp.max(jnp.where(blk.row_ok, survivors, 0)) > capacity
+    plgpu.store(overflow_ref.at[pl.ds(p, 1)],
+                jnp.broadcast_to(overflow.astype(jnp.int32), (1,)))
+    if phases == 2:                  # profiling: stop after collecting
+        plgpu.store(idx_ref.at[blk.out_rows, jnp.arange(16)[None, :]],
+                    jnp.broadcast_to(survivors[:, None], (block_c, 16)))
+        return
+    _barrier(blk)                    # survivors stored by all warps are read back below
 
-        # ---- exact K-th among the survivors (registers), then selection in index order
-        cols = jnp.arange(capacity)
-        s_ok = (cols[None, :] < survivors[:, None]) & row_ok[:, None] & jnp.logical_not(overflow)
-        s_keys = plgpu.load(surv_key_ref.at[surv_rows, cols[None, :]], mask=s_ok, other=_INT32_MIN)
-        s_idx = plgpu.load(surv_idx_ref.at[surv_rows, cols[None, :]], mask=s_ok, other=0)
-        kth, above = _radix_kth(lambda th: _count_ge(s_keys, s_ok, th), k, block_c)
-        sel, slot, written, _ = _select(s_keys, s_ok, kth, k - above, zeros, zeros)
-        store_out(sel, slot, s_idx, _keys_to_scores(s_keys))
-        return overflow, written
-
+    # ---- step 3: exact K-th among the survivors (registers), selection in index order
+    cols = jnp.arange(capacity)[None, :]
+    s_ok = (cols < survivors[:, None]) & blk.row_ok[:, None] & jnp.logical_not(overflow)
+    s_keys = plgpu.load(buf_key_ref.at[buf_rows, cols], mask=s_ok, other=_INT32_MIN)
+    s_idx = plgpu.load(buf_idx_ref.at[buf_rows, cols], mask=s_ok, other=0)
+    kth, above = _radix_kth(lambda th: _count_ge(s_keys, s_ok, th), k, block_c)
     zeros = jnp.zeros((block_c,), jnp.int32)
-    if capacity:
-        overflow, written = survivor_path()
-    else:                        # survivors=0: the full-sequence radix select only
-        overflow, written = jnp.asarray(True), zeros
+    sel, slot, written, _ = _select(s_keys, s_ok, kth, k - above, zeros, zeros)
+    _store_selected(blk, idx_ref, score_ref, k, sel, slot, s_idx, _keys_to_scores(s_keys))
+    _store_padding(blk, idx_ref, score_ref, k, written, jnp.logical_not(overflow))
 
-    # ---- full-sequence radix select: the only path with survivors=0; otherwise the fallback when
-    # a row has more survivors than the buffer holds (many near-equal scores). Re-scores the whole
-    # sequence on each of its passes; zero trips when not needed.
-    full_tiles = jnp.where(overflow, num_tiles, 0)
 
-    def count_full(thresholds):
+def _fallback_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
+                     perm_ref, seq_ref, cand_ref, overflow_ref, idx_in_ref, score_in_ref, idx_ref,
+                     score_ref, *, k: int, block_c: int, block_t: int, scale: float, trash: bool):
+    """Step 4: the radix select over the whole sequence for flagged blocks (others exit at once).
+    ``idx_ref``/``score_ref`` alias ``idx_in_ref``/``score_in_ref``: unflagged rows keep the main
+    kernel's results."""
+    del idx_in_ref, score_in_ref
+    p = pl.program_id(0)
+    n_out = idx_ref.shape[0] - (block_c if trash else 0)
+    blk = _load_block(p, block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
+                      perm_ref, cand_ref, n_out, block_c=block_c, block_t=block_t, trash=trash)
+    active = overflow_ref[p] > 0
+    tiles = jnp.where(active, blk.num_tiles, 0)
+    zeros = jnp.zeros((block_c,), jnp.int32)
+
+    def tile(t):
+        return _score_keys(blk.c_norm, seq_ref, blk.start, t * block_t, block_t, blk.length, scale)
+
+    def count_all(thresholds):
         def body(t, counts):
-            _, keys, _, valid = tile(t, block_t)
+            _, keys, _, valid = tile(t)
             got = _count_ge(keys, valid[None, :], thresholds)
             return tuple(a + b for a, b in zip(counts, got))
-        return lax.fori_loop(0, full_tiles, body, tuple(zeros for _ in thresholds))
+        return lax.fori_loop(0, tiles, body, tuple(zeros for _ in thresholds))
 
-    kth_f, above_f = _radix_kth(count_full, k, block_c)
+    kth, above = _radix_kth(count_all, k, block_c)
 
-    def select_full(t, carry):
-        written_f, ties = carry
-        s, keys, pos, valid = tile(t, block_t)
-        sel_f, slot_f, written_f, ties = _select(keys, valid[None, :] & row_ok[:, None], kth_f,
-                                                 k - above_f, written_f, ties)
-        store_out(sel_f, slot_f, jnp.broadcast_to(pos[None, :], keys.shape).astype(jnp.int32), s)
-        return written_f, ties
+    def select_tile(t, carry):
+        written, ties = carry
+        s, keys, pos, valid = tile(t)
+        sel, slot, written, ties = _select(keys, valid[None, :] & blk.row_ok[:, None], kth,
+                                           k - above, written, ties)
+        _store_selected(blk, idx_ref, score_ref, k, sel, slot,
+                        jnp.broadcast_to(pos[None, :], keys.shape).astype(jnp.int32), s)
+        return written, ties
 
-    written_f, _ = lax.fori_loop(0, full_tiles, select_full, (zeros, zeros))
-    written = jnp.where(overflow, written_f, written)
+    written, _ = lax.fori_loop(0, tiles, select_tile, (zeros, zeros))
+    _store_padding(blk, idx_ref, score_ref, k, written, jnp.broadcast_to(active, (block_c,)))
 
-    # ---- padding slots [written, k): disjoint from the slots stored above, so no ordering needed
-    cols_k = jnp.arange(k_pad)
-    pad = row_ok[:, None] & (cols_k[None, :] >= written[:, None]) & (cols_k[None, :] < k)
-    if trash:
-        cols_t = jnp.where(pad, cols_k[None, :], k + cols_k[None, :])
-    else:
-        cols_t = jnp.broadcast_to(jnp.where(cols_k < k, cols_k, 0)[None, :], pad.shape)
-    plgpu.store(idx_ref.at[out_rows, cols_t], jnp.full((block_c, k_pad), PAD_INDEX, jnp.int32),
-                mask=pad)
-    plgpu.store(score_ref.at[out_rows, cols_t], jnp.full((block_c, k_pad), -jnp.inf, jnp.float32),
-                mask=pad)
+
+# -------------------------------------------------------------------------------------- wrapper
 
 
 def _block_table(cand_to_req: jax.Array, num_req: int, block_c: int, num_blocks: int):
@@ -366,6 +427,67 @@ def _validate(seq_q, offsets, lengths, cand, cand_to_req, k: int) -> None:
         raise ValueError(f"k: expected 1 <= k <= {MAX_K}, got {k}")
 
 
+def _search(seq_q, offsets, lengths, cand, cand_to_req, *, k: int, scale: float,
+            config: NNSearchConfig, interpret: bool, phases: int = 3):
+    """The jitted body of :func:`nn_search_jagged`; ``phases`` < 3 stops the main kernel early
+    (profiling only: its outputs are then not the search results)."""
+    bins, capacity = config.resolve(k)
+    block_c, block_t = config.block_c, config.block_t
+    n = cand.shape[0]
+    num_req = offsets.shape[0]
+    # Values cannot be checked inside jit, so make bad ones harmless instead of out of bounds:
+    # a candidate whose request is outside [0, U) goes to an extra empty request (all padding),
+    # and each request's length is clipped to the rows that exist.
+    total = seq_q.shape[0]
+    offsets = jnp.clip(offsets.astype(jnp.int32), 0, total)
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, total - offsets)
+    offsets = jnp.concatenate([offsets, jnp.zeros((1,), jnp.int32)])
+    lengths = jnp.concatenate([lengths, jnp.zeros((1,), jnp.int32)])
+    c2r = cand_to_req.astype(jnp.int32)
+    c2r = jnp.where((c2r >= 0) & (c2r < num_req), c2r, num_req)
+    num_req += 1
+    num_blocks = -(-n // block_c) + num_req
+    perm, block_req, block_row, block_cnt = _block_table(c2r, num_req, block_c, num_blocks)
+    trash = bool(interpret)
+    if trash:
+        # Compiled, masked tile loads past the end touch no memory. Interpret mode slices the refs
+        # for real: give it spare rows (never selected: they are past every length).
+        seq_q = jnp.pad(seq_q, ((0, bins), (0, 0)))
+        perm = jnp.pad(perm, (0, block_c))
+    k_pad = next_pow2(k)
+    width = max(bins, capacity)
+    out_shape = (n + (block_c if trash else 0), k + (max(block_t, k_pad, capacity) if trash else 0))
+    buf_shape = (num_blocks * block_c, width + (block_t if trash else 0))
+    params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+    tables = (block_req, block_row, block_cnt, offsets, lengths, perm, seq_q, cand)
+
+    main = functools.partial(_survivor_kernel, k=k, bins=bins, capacity=capacity, block_c=block_c,
+                             block_t=block_t, scale=scale, trash=trash, phases=phases)
+    idx, scores, overflow, _, _ = pl.pallas_call(
+        main, grid=(num_blocks,),
+        out_shape=(jax.ShapeDtypeStruct(out_shape, jnp.int32),
+                   jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                   jax.ShapeDtypeStruct((num_blocks,), jnp.int32),     # overflow flag per block
+                   jax.ShapeDtypeStruct(buf_shape, jnp.int32),         # bins / survivor keys
+                   jax.ShapeDtypeStruct(buf_shape, jnp.int32)),        # survivor indices
+        compiler_params=params, interpret=interpret, name="nn_search",
+    )(*tables)
+
+    if phases == 3:
+        fallback = functools.partial(_fallback_kernel, k=k, block_c=block_c, block_t=block_t,
+                                     scale=scale, trash=trash)
+        redo = pl.pallas_call(
+            fallback, grid=(num_blocks,),
+            out_shape=(jax.ShapeDtypeStruct(out_shape, jnp.int32),
+                       jax.ShapeDtypeStruct(out_shape, jnp.float32)),
+            input_output_aliases={len(tables) + 1: 0, len(tables) + 2: 1},
+            compiler_params=params, interpret=interpret, name="nn_search_fallback")
+        idx, scores = lax.cond(jnp.any(overflow > 0),
+                               lambda i, s: redo(*tables, overflow, i, s),
+                               lambda i, s: (i, s), idx, scores)
+    return idx[:n, :k], scores[:n, :k]
+
+
 @functools.partial(jax.jit, static_argnames=("k", "scale", "config", "interpret"))
 def nn_search_jagged(seq_q: jax.Array, offsets: jax.Array, lengths: jax.Array, cand: jax.Array,
                      cand_to_req: jax.Array, *, k: int, scale: float = QUANT_SCALE,
@@ -393,59 +515,12 @@ def nn_search_jagged(seq_q: jax.Array, offsets: jax.Array, lengths: jax.Array, c
     """
     _validate(seq_q, offsets, lengths, cand, cand_to_req, k)
     config = config or NNSearchConfig()
-    interpret = default_interpret() if interpret is None else interpret
-    n = cand.shape[0]
-    num_req = offsets.shape[0]
-    if n == 0:
+    config.resolve(k)
+    if cand.shape[0] == 0:
         return jnp.zeros((0, k), jnp.int32), jnp.zeros((0, k), jnp.float32)
-    # Values cannot be checked inside jit, so make bad ones harmless instead of out of bounds:
-    # a candidate whose request is outside [0, U) goes to an extra empty request (all padding),
-    # and each request's length is clipped to the rows that exist.
-    total = seq_q.shape[0]
-    offsets = jnp.clip(offsets.astype(jnp.int32), 0, total)
-    lengths = jnp.clip(lengths.astype(jnp.int32), 0, total - offsets)
-    offsets = jnp.concatenate([offsets, jnp.zeros((1,), jnp.int32)])
-    lengths = jnp.concatenate([lengths, jnp.zeros((1,), jnp.int32)])
-    c2r = cand_to_req.astype(jnp.int32)
-    c2r = jnp.where((c2r >= 0) & (c2r < num_req), c2r, num_req)
-    num_req += 1
-    num_blocks = -(-n // config.block_c) + num_req
-    perm, block_req, block_row, block_cnt = _block_table(c2r, num_req, config.block_c, num_blocks)
-    # Compiled, the masked tile loads past the end touch no memory. Interpret mode slices the refs
-    # for real: give it one spare tile of rows (never selected).
-    seq_pad = jnp.pad(seq_q, ((0, config.block_t), (0, 0))) if interpret else seq_q
-    perm_pad = jnp.pad(perm, (0, config.block_c)) if interpret else perm
-    k_pad = 1 << (k - 1).bit_length()
-    trash = bool(interpret)
-    # Every pass scores the same tile shape, so a token's key is the same bit for bit in every
-    # pass; the pass-1 bins (>= 2K) are tile-width groups.
-    width = config.block_t
-    bins = max(2 * k_pad, width)
-    capacity = max(config.survivors, bins) if config.survivors else 0
-    kernel = functools.partial(_nn_search_kernel, k=k, k_pad=k_pad, bins=bins, capacity=capacity,
-                               block_c=config.block_c, block_t=width, scale=scale, trash=trash)
-    out_rows = n + (config.block_c if trash else 0)
-    out_cols = k + (max(width, k_pad, capacity) if trash else 0)
-    surv_shape = ((num_blocks * config.block_c, capacity + (width if trash else 0)) if capacity
-                  else (1, 1))
-    if trash:
-        seq_pad = jnp.pad(seq_q, ((0, width), (0, 0)))
-    idx, scores, _, _ = pl.pallas_call(
-        kernel,
-        grid=(num_blocks,),
-        out_shape=(jax.ShapeDtypeStruct((out_rows, out_cols), jnp.int32),
-                   jax.ShapeDtypeStruct((out_rows, out_cols), jnp.float32),
-                   jax.ShapeDtypeStruct(surv_shape, jnp.int32),     # survivor keys (scratch)
-                   jax.ShapeDtypeStruct(surv_shape, jnp.int32)),    # survivor indices (scratch)
-        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
-                                             num_stages=config.num_stages),
-        interpret=interpret,
-        name="nn_search",
-    )(block_req, block_row, block_cnt, offsets, lengths,
-      perm_pad, seq_pad, cand)
-    if trash:
-        idx, scores = idx[:n, :k], scores[:n, :k]
-    return idx, scores
+    interpret = default_interpret() if interpret is None else interpret
+    return _search(seq_q, offsets, lengths, cand, cand_to_req, k=k, scale=scale, config=config,
+                   interpret=interpret)
 
 
 def nn_search(seq_q: jax.Array, lengths: jax.Array, cand: jax.Array, cand_to_req: jax.Array, *,

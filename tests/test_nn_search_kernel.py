@@ -38,10 +38,10 @@ def random_case(seed: int, lengths, n: int, d: int = 32, dup: bool = True):
     return seq, lengths.astype(np.int32), cand, c2r
 
 
-CONFIGS = [NNSearchConfig(), NNSearchConfig(block_c=32, block_t=32, survivors=256)]
+CONFIGS = [NNSearchConfig(), NNSearchConfig(block_c=32, block_t=32, bins=512, survivors=512)]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["full_radix", "survivors"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["default", "wide"])
 @pytest.mark.parametrize("k", [1, 7, 96, 128])
 def test_matches_brute_force(k, config):
     seq, lengths, cand, c2r = random_case(k + config.block_t, [0, 1, 5, 97, 300, 129, 64], 45)
@@ -52,7 +52,7 @@ def test_matches_brute_force(k, config):
     np.testing.assert_allclose(np.asarray(scores), np.asarray(ref_scores), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["full_radix", "survivors"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["default", "wide"])
 def test_long_sequence_and_many_candidates_per_request(config):
     seq, lengths, cand, c2r = random_case(3, [2000, 700], 70)
     idx, scores = nn_search(seq, lengths, cand, c2r, k=64, config=config)
