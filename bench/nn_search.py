@@ -97,7 +97,7 @@ def kernel_pipeline(config: NNSearchConfig, phases: int = 3):
 
 
 def variant_name(v: NNSearchConfig) -> str:
-    return (f"kernel_c{v.block_c}_t{v.block_t}_w{v.num_warps}_s{v.num_stages}"
+    return (f"kernel_c{v.block_c}_t{v.block_t}_w{v.num_warps}_s{v.num_stages}_x{v.splits}"
             f"_b{v.bins}_v{v.survivors}")
 
 
@@ -222,9 +222,10 @@ def main() -> None:
     result = {"environment": env, "config": config.__dict__, "k": K, "candidates_per_batch": N_TOTAL,
               "timing": f"median of samples of {CALLS} back-to-back calls, compile excluded"}
     shapes = [(10_000, 256)] if args.quick else [(L, c) for L in LENGTHS for c in CANDS]
-    variants = [NNSearchConfig(block_c=c, block_t=t, num_warps=w, num_stages=st) for c, t, w, st in
-                ((16, 32, 4, 1), (16, 128, 4, 1), (32, 64, 4, 1), (16, 64, 2, 1), (16, 64, 8, 1),
-                 (32, 64, 8, 1), (16, 64, 4, 2), (16, 64, 4, 3))] if args.tune else []
+    variants = [NNSearchConfig(block_c=c, block_t=t, num_warps=w, num_stages=st, splits=sp)
+                for c, t, w, st, sp in
+                ((16, 64, 4, 1, 16), (16, 64, 4, 1, 32), (16, 32, 4, 1, 16), (16, 64, 2, 1, 16),
+                 (16, 64, 4, 3, 16), (32, 64, 4, 1, 16))] if args.tune else []
     rows = [run_shape(L, c, args.repeats, config, variants, (1, 2) if args.profile else ())
             for L, c in shapes]
     result["rows"] = rows

@@ -95,8 +95,10 @@ class NNSearchConfig:
       block_t: sequence tokens per tile (power of two, >= 16).
       num_warps: warps per program (Triton).
       num_stages: software-pipelining stages of the token loops (Triton).
-      bins: W, the bins of the pass-1 bound (0: ``max(2 * next_pow2(K), block_t)``); a power of
-        two >= ``block_t`` and >= K (fewer bins than K bound nothing).
+      splits: S, chunks of consecutive tiles each request's sequence is split into for the two
+        token passes (one program per block and chunk: enough programs to hide latency).
+      bins: W, the bins of the pass-1 bound (0: ``max(2 * next_pow2(K), S * block_t)``); a power
+        of two >= ``S * block_t`` and >= K (fewer bins than K bound nothing).
       survivors: capacity of the per-row survivor buffer (0: ``2 * next_pow2(K)``; else a power of
         two >= 16). A block with a row over it is redone by the exact fallback kernel.
     """
@@ -105,6 +107,7 @@ class NNSearchConfig:
     block_t: int = 64
     num_warps: int = 4
     num_stages: int = 1
+    splits: int = 8
     bins: int = 0
     survivors: int = 0
 
@@ -113,14 +116,17 @@ class NNSearchConfig:
         if self.survivors and (not is_pow2(self.survivors) or self.survivors < 16):
             raise ValueError(f"NNSearchConfig.survivors: expected 0 or a power of two >= 16, got "
                              f"{self.survivors}")
-        if self.bins and (not is_pow2(self.bins) or self.bins < self.block_t):
-            raise ValueError(f"NNSearchConfig.bins: expected 0 or a power of two >= block_t "
-                             f"({self.block_t}), got {self.bins}")
+        if not is_pow2(self.splits):
+            raise ValueError(f"NNSearchConfig.splits: expected a power of two, got {self.splits}")
+        least = self.splits * self.block_t
+        if self.bins and (not is_pow2(self.bins) or self.bins < least):
+            raise ValueError(f"NNSearchConfig.bins: expected 0 or a power of two >= splits * "
+                             f"block_t ({least}), got {self.bins}")
 
     def resolve(self, k: int) -> Tuple[int, int]:
         """(bins, survivors) for top-``k``: defaults filled in, bins checked against ``k``."""
         k_pad = next_pow2(k)
-        bins = self.bins or max(2 * k_pad, self.block_t)
+        bins = self.bins or max(2 * k_pad, self.splits * self.block_t)
         if bins < k:
             raise ValueError(f"NNSearchConfig.bins: {bins} bins cannot bound the top {k}; "
                              f"use at least {next_pow2(k)}")
@@ -266,77 +272,134 @@ def _barrier(blk: _Block) -> None:
 
 
 # -------------------------------------------------------------------------------------- kernels
+#
+# The main path is three kernels. ``bound`` and ``collect`` run one program per (block, chunk):
+# the request's tiles are split into ``splits`` chunks of consecutive tiles so that there are
+# enough programs to hide memory and reduction latency; ``select`` runs one program per block.
 
 
-def _survivor_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
-                     perm_ref, seq_ref, cand_ref, idx_ref, score_ref, overflow_ref, buf_key_ref,
-                     buf_idx_ref, *, k: int, bins: int, capacity: int, block_c: int,
-                     block_t: int, scale: float, trash: bool, phases: int):
-    """Steps 1-3 of the module docstring for one block; flags the block if a row overflows."""
-    p = pl.program_id(0)
-    n_out = idx_ref.shape[0] - (block_c if trash else 0)
+def _chunk(blk: _Block, s, splits: int, block_t: int):
+    """Tiles [t0, t0 + count) of chunk ``s`` and the token limit (exclusive) that masks them."""
+    per = lax.div(blk.num_tiles + splits - 1, splits)
+    t0 = s * per
+    count = jnp.clip(blk.num_tiles - t0, 0, per)
+    return t0, count, jnp.minimum(blk.length, (t0 + per) * block_t)
+
+
+def _bound_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref, perm_ref,
+                  seq_ref, cand_ref, bins_ref, *, chunk_bins: int, splits: int, block_c: int,
+                  block_t: int, scale: float, trash: bool):
+    """Step 1 for chunk ``s``: the maxima of its ``chunk_bins`` bins (columns
+    ``[s * chunk_bins, (s + 1) * chunk_bins)`` of the block's rows of ``bins_ref``)."""
+    p, s = pl.program_id(0), pl.program_id(1)
     blk = _load_block(p, block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
-                      perm_ref, cand_ref, n_out, block_c=block_c, block_t=block_t, trash=trash)
+                      perm_ref, cand_ref, 0, block_c=block_c, block_t=block_t, trash=trash)
+    t0, count, limit = _chunk(blk, s, splits, block_t)
+    groups = chunk_bins // block_t
 
-    def tile(t):
-        return _score_keys(blk.c_norm, seq_ref, blk.start, t * block_t, block_t, blk.length, scale)
-
-    # ---- pass 1: bin maxima. G tile-shaped accumulators, the loop unrolled by G so that tile
-    # t always lands in accumulator t mod G; tiles past the end are all invalid (INT32_MIN).
-    groups = bins // block_t
-
-    def bin_max(s, ms):
+    # G tile-shaped accumulators, the loop unrolled by G so that the chunk's i-th tile always
+    # lands in accumulator i mod G; tiles past the chunk are all invalid (INT32_MIN).
+    def bin_max(i, ms):
         out = []
         for j, mj in enumerate(ms):
-            _, keys, _, valid = tile(s * groups + j)
+            t = t0 + i * groups + j
+            _, keys, _, valid = _score_keys(blk.c_norm, seq_ref, blk.start, t * block_t, block_t,
+                                            limit, scale)
             out.append(jnp.maximum(mj, jnp.where(valid[None, :], keys, _INT32_MIN)))
         return tuple(out)
 
-    ms = lax.fori_loop(0, lax.div(blk.num_tiles + groups - 1, groups), bin_max,
+    ms = lax.fori_loop(0, lax.div(count + groups - 1, groups), bin_max,
                        tuple(jnp.full((block_c, block_t), _INT32_MIN, jnp.int32)
                              for _ in range(groups)))
-    # T_lo = K-th largest bin maximum: the groups meet in one (block_c, W) array through the row's
-    # buffer (one radix select over it instead of one per group: a smaller program).
-    buf_rows = (p * block_c + blk.rows)[:, None]
+    rows = (p * block_c + blk.rows)[:, None]
     for j, mj in enumerate(ms):
-        plgpu.store(buf_key_ref.at[buf_rows, (j * block_t + jnp.arange(block_t))[None, :]], mj)
-    _barrier(blk)
-    m = plgpu.load(buf_key_ref.at[buf_rows, jnp.arange(bins)[None, :]])
-    _barrier(blk)                    # all reads of the bins finish before pass 2 overwrites them
-    t_lo, _ = _radix_kth(lambda th: _count_ge(m, m > _INT32_MIN, th), k, block_c)
-    if phases == 1:                  # profiling: stop after the bound
-        plgpu.store(idx_ref.at[blk.out_rows, jnp.arange(16)[None, :]],
-                    jnp.broadcast_to(t_lo[:, None], (block_c, 16)))
-        return
+        cols = s * chunk_bins + j * block_t + jnp.arange(block_t)
+        plgpu.store(bins_ref.at[rows, cols[None, :]], mj)
 
-    # ---- pass 2: the survivors (key >= T_lo), in index order, into the row's buffer
-    def collect(t, written):
-        _, keys, pos, valid = tile(t)
+
+def _threshold_kernel(bins_ref, t_lo_ref, *, k: int, block_c: int):
+    """T_lo per row: the K-th largest of its W bin maxima (>= K tokens score >= T_lo)."""
+    p = pl.program_id(0)
+    rows = p * block_c + jnp.arange(block_c)
+    m = plgpu.load(bins_ref.at[rows[:, None], jnp.arange(bins_ref.shape[1])[None, :]])
+    t_lo, _ = _radix_kth(lambda th: _count_ge(m, m > _INT32_MIN, th), k, block_c)
+    plgpu.store(t_lo_ref.at[rows], t_lo)
+
+
+def _collect_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
+                    perm_ref, seq_ref, cand_ref, t_lo_ref, key_ref, idx_ref, count_ref, *,
+                    capacity: int, splits: int, block_c: int, block_t: int, scale: float,
+                    trash: bool):
+    """Step 2 for chunk ``s``: its tokens with key >= T_lo, in index order, into columns
+    ``[s * capacity, (s + 1) * capacity)`` of the row's buffers; their number into
+    ``count_ref[row, s]`` (it may exceed ``capacity``: only the first ``capacity`` are stored)."""
+    p, s = pl.program_id(0), pl.program_id(1)
+    blk = _load_block(p, block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
+                      perm_ref, cand_ref, 0, block_c=block_c, block_t=block_t, trash=trash)
+    t0, count, limit = _chunk(blk, s, splits, block_t)
+    rows = p * block_c + blk.rows
+    t_lo = plgpu.load(t_lo_ref.at[rows])
+    base = s * capacity
+
+    def collect(i, written):
+        _, keys, pos, valid = _score_keys(blk.c_norm, seq_ref, blk.start, (t0 + i) * block_t,
+                                          block_t, limit, scale)
         keep = valid[None, :] & (keys >= t_lo[:, None]) & blk.row_ok[:, None]
         keep_i = keep.astype(jnp.int32)
         slot = written[:, None] + jnp.cumsum(keep_i, axis=1) - 1
         fits = keep & (slot < capacity)
-        slot = jnp.where(fits, slot, _spare(blk, capacity, block_t))
-        plgpu.store(buf_key_ref.at[buf_rows, slot], keys, mask=fits)
-        plgpu.store(buf_idx_ref.at[buf_rows, slot],
+        slot = base + jnp.where(fits, slot, _spare(blk, (splits - s) * capacity, block_t))
+        plgpu.store(key_ref.at[rows[:, None], slot], keys, mask=fits)
+        plgpu.store(idx_ref.at[rows[:, None], slot],
                     jnp.broadcast_to(pos[None, :], keys.shape).astype(jnp.int32), mask=fits)
         return written + jnp.sum(keep_i, axis=1)
 
-    survivors = lax.fori_loop(0, blk.num_tiles, collect, jnp.zeros((block_c,), jnp.int32))
-    overflow = jnp.max(jnp.where(blk.row_ok, survivors, 0)) > capacity
-    plgpu.store(overflow_ref.at[pl.ds(p, 1)],
-                jnp.broadcast_to(overflow.astype(jnp.int32), (1,)))
-    if phases == 2:                  # profiling: stop after collecting
-        plgpu.store(idx_ref.at[blk.out_rows, jnp.arange(16)[None, :]],
-                    jnp.broadcast_to(survivors[:, None], (block_c, 16)))
-        return
-    _barrier(blk)                    # survivors stored by all warps are read back below
+    found = lax.fori_loop(0, count, collect, jnp.zeros((block_c,), jnp.int32))
+    plgpu.store(count_ref.at[rows[:, None], jnp.full((1, 1), s)], found[:, None])
 
-    # ---- step 3: exact K-th among the survivors (registers), selection in index order
+
+def _select_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
+                   perm_ref, seq_ref, cand_ref, count_ref, key_in_ref, sidx_in_ref, idx_ref,
+                   score_ref, overflow_ref, key_ref, sidx_ref, *, k: int, capacity: int,
+                   splits: int, block_c: int, block_t: int, trash: bool):
+    """Step 3: the chunks' survivors compacted (chunk order = index order) into the first
+    ``capacity`` columns, the exact K-th among them, the selection in index order. Flags the block
+    when a row has more survivors than ``capacity`` (its rows are then left to the fallback).
+    ``key_ref``/``sidx_ref`` alias ``key_in_ref``/``sidx_in_ref``."""
+    del seq_ref, key_in_ref, sidx_in_ref
+    p = pl.program_id(0)
+    n_out = idx_ref.shape[0] - (block_c if trash else 0)
+    blk = _load_block(p, block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
+                      perm_ref, cand_ref, n_out, block_c=block_c, block_t=block_t, trash=trash)
+    rows = (p * block_c + blk.rows)[:, None]
+
+    def found(s):                                   # (block_c,) survivors of chunk s
+        n = plgpu.load(count_ref.at[rows, jnp.full((1, 1), s)]).reshape(block_c)
+        return jnp.where(blk.row_ok, n, 0)
+
+    per_chunk = [found(s) for s in range(splits)]
+    total = functools.reduce(jnp.add, per_chunk)
+    overflow = jnp.max(total) > capacity
+    plgpu.store(overflow_ref.at[pl.ds(p, 1)], jnp.broadcast_to(overflow.astype(jnp.int32), (1,)))
     cols = jnp.arange(capacity)[None, :]
-    s_ok = (cols < survivors[:, None]) & blk.row_ok[:, None] & jnp.logical_not(overflow)
-    s_keys = plgpu.load(buf_key_ref.at[buf_rows, cols], mask=s_ok, other=_INT32_MIN)
-    s_idx = plgpu.load(buf_idx_ref.at[buf_rows, cols], mask=s_ok, other=0)
+    # Compact in place: chunk s moves to columns [prefix_s, prefix_s + found_s) of chunk 0's
+    # region. Those lie past chunk 0's own survivors and outside every other region, so no move
+    # overwrites data still to be read.
+    prefix = per_chunk[0]
+    for s in range(1, splits):
+        move = (cols < per_chunk[s][:, None]) & jnp.logical_not(overflow)
+        src = s * capacity + cols
+        keys = plgpu.load(key_ref.at[rows, src], mask=move, other=0)
+        pos = plgpu.load(sidx_ref.at[rows, src], mask=move, other=0)
+        dst = jnp.where(move, prefix[:, None] + cols, _spare(blk, splits * capacity, capacity))
+        plgpu.store(key_ref.at[rows, dst], keys, mask=move)
+        plgpu.store(sidx_ref.at[rows, dst], pos, mask=move)
+        prefix = prefix + per_chunk[s]
+    _barrier(blk)                # the moved survivors, stored by all warps, are read back below
+
+    s_ok = (cols < total[:, None]) & blk.row_ok[:, None] & jnp.logical_not(overflow)
+    s_keys = plgpu.load(key_ref.at[rows, cols], mask=s_ok, other=_INT32_MIN)
+    s_idx = plgpu.load(sidx_ref.at[rows, cols], mask=s_ok, other=0)
     kth, above = _radix_kth(lambda th: _count_ge(s_keys, s_ok, th), k, block_c)
     zeros = jnp.zeros((block_c,), jnp.int32)
     sel, slot, written, _ = _select(s_keys, s_ok, kth, k - above, zeros, zeros)
@@ -454,37 +517,47 @@ def _search(seq_q, offsets, lengths, cand, cand_to_req, *, k: int, scale: float,
         # for real: give it spare rows (never selected: they are past every length).
         seq_q = jnp.pad(seq_q, ((0, bins), (0, 0)))
         perm = jnp.pad(perm, (0, block_c))
+    splits = config.splits
     k_pad = next_pow2(k)
-    width = max(bins, capacity)
+    rows = num_blocks * block_c
     out_shape = (n + (block_c if trash else 0), k + (max(block_t, k_pad, capacity) if trash else 0))
-    buf_shape = (num_blocks * block_c, width + (block_t if trash else 0))
-    params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+    buf_shape = (rows, splits * capacity + (max(block_t, capacity) if trash else 0))
     tables = (block_req, block_row, block_cnt, offsets, lengths, perm, seq_q, cand)
+    common = dict(block_c=block_c, block_t=block_t, trash=trash)
 
-    main = functools.partial(_survivor_kernel, k=k, bins=bins, capacity=capacity, block_c=block_c,
-                             block_t=block_t, scale=scale, trash=trash, phases=phases)
-    idx, scores, overflow, _, _ = pl.pallas_call(
-        main, grid=(num_blocks,),
-        out_shape=(jax.ShapeDtypeStruct(out_shape, jnp.int32),
-                   jax.ShapeDtypeStruct(out_shape, jnp.float32),
-                   jax.ShapeDtypeStruct((num_blocks,), jnp.int32),     # overflow flag per block
-                   jax.ShapeDtypeStruct(buf_shape, jnp.int32),         # bins / survivor keys
-                   jax.ShapeDtypeStruct(buf_shape, jnp.int32)),        # survivor indices
-        compiler_params=params, interpret=interpret, name="nn_search",
-    )(*tables)
+    def call(kernel, grid, out, name, aliases=None, **kw):
+        return pl.pallas_call(
+            functools.partial(kernel, **kw), grid=grid, out_shape=out,
+            input_output_aliases=aliases or {}, interpret=interpret, name=name,
+            compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                                 num_stages=config.num_stages))
 
-    if phases == 3:
-        fallback = functools.partial(_fallback_kernel, k=k, block_c=block_c, block_t=block_t,
-                                     scale=scale, trash=trash)
-        redo = pl.pallas_call(
-            fallback, grid=(num_blocks,),
-            out_shape=(jax.ShapeDtypeStruct(out_shape, jnp.int32),
-                       jax.ShapeDtypeStruct(out_shape, jnp.float32)),
-            input_output_aliases={len(tables) + 1: 0, len(tables) + 2: 1},
-            compiler_params=params, interpret=interpret, name="nn_search_fallback")
-        idx, scores = lax.cond(jnp.any(overflow > 0),
-                               lambda i, s: redo(*tables, overflow, i, s),
-                               lambda i, s: (i, s), idx, scores)
+    def i32(shape):
+        return jax.ShapeDtypeStruct(shape, jnp.int32)
+
+    out = (i32(out_shape), jax.ShapeDtypeStruct(out_shape, jnp.float32))
+    bins_max = call(_bound_kernel, (num_blocks, splits), i32((rows, bins)), "nn_search_bound",
+                    chunk_bins=bins // splits, splits=splits, scale=scale, **common)(*tables)
+    t_lo = call(_threshold_kernel, (num_blocks,), i32((rows,)), "nn_search_threshold", k=k,
+                block_c=block_c)(bins_max)
+    if phases == 1:          # profiling only
+        return t_lo, bins_max
+    keys, sidx, found = call(_collect_kernel, (num_blocks, splits),
+                             (i32(buf_shape), i32(buf_shape), i32((rows, splits))),
+                             "nn_search_collect", capacity=capacity, splits=splits, scale=scale,
+                             **common)(*tables, t_lo)
+    if phases == 2:          # profiling only
+        return found, keys
+    # the select kernel compacts the survivors in place: their buffers are aliased outputs
+    n_in = len(tables)
+    idx, scores, overflow, _, _ = call(
+        _select_kernel, (num_blocks,), out + (i32((num_blocks,)), i32(buf_shape), i32(buf_shape)),
+        "nn_search_select", aliases={n_in + 1: 3, n_in + 2: 4}, k=k, capacity=capacity,
+        splits=splits, **common)(*tables, found, keys, sidx)
+    redo = call(_fallback_kernel, (num_blocks,), out, "nn_search_fallback",
+                aliases={n_in + 1: 0, n_in + 2: 1}, k=k, scale=scale, **common)
+    idx, scores = lax.cond(jnp.any(overflow > 0), lambda i, s: redo(*tables, overflow, i, s),
+                           lambda i, s: (i, s), idx, scores)
     return idx[:n, :k], scores[:n, :k]
 
 
