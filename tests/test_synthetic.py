@@ -156,3 +156,15 @@ def test_config_rejects_bad_values():
         SyntheticConfig(candidate_mix=(1.0,))
     with pytest.raises(ValueError, match="candidates_per_request"):
         SyntheticConfig(candidates_per_request=(5, 2))
+
+
+def test_fixed_ll_length_for_serving_benchmarks(chunk):
+    cfg = dataclasses.replace(CFG, fixed_ll_length=1500)
+    fixed = generate_chunk(cfg, FEAT, SEL, 0)
+    assert (fixed.requests.ll.lengths == 1500).all()
+    fixed.requests.validate(FEAT, SEL)
+    np.testing.assert_array_equal(fixed.users.lt, chunk.users.lt)     # the same users
+    capped = generate_chunk(dataclasses.replace(CFG, fixed_ll_length=10**6), FEAT, SEL, 0)
+    assert (capped.requests.ll.lengths == SEL.max_ll_len).all()
+    with pytest.raises(ValueError, match="fixed_ll_length"):
+        SyntheticConfig(fixed_ll_length=-1)

@@ -27,7 +27,8 @@ The world
 
   - S_LL: ``L ~ log-uniform[1, max_ll_len]`` tokens (``empty_ll_fraction`` of users have none) over
     the two years before the real-time window: tokens from the long-term interests (active and
-    dormant), hides of disliked topics, and exploration of random topics.
+    dormant), hides of disliked topics, and exploration of random topics. ``fixed_ll_length``
+    gives every user the same length instead (serving benchmarks at the full L_LL).
   - S_RT: up to ``max_rt_len`` tokens in the hours before the request, a topic Markov chain (stay on a
     topic with ``rt_stickiness``) over short-term interests, active long-term interests and random
     topics, with occasional hides of disliked topics. The chain gives the Next Action Loss something
@@ -99,6 +100,9 @@ class SyntheticConfig:
     users_per_chunk: int = 1024
     start_time: int = 1_700_000_000
     user_id_offset: int = 0
+    # every user's S_LL has exactly this many tokens (capped at max_ll_len) instead of the
+    # log-uniform lengths; for serving benchmarks at the full L_LL (None: log-uniform)
+    fixed_ll_length: Optional[int] = None
 
     def __post_init__(self):
         if self.num_topics < self.lt_topics + self.st_topics + self.dislike_topics + self.fatigue_topics:
@@ -113,6 +117,8 @@ class SyntheticConfig:
         lo, hi = self.candidates_per_request
         if not 1 <= lo <= hi:
             raise ValueError("candidates_per_request: need 1 <= low <= high")
+        if self.fixed_ll_length is not None and self.fixed_ll_length < 0:
+            raise ValueError(f"fixed_ll_length: must be None or >= 0, got {self.fixed_ll_length}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,6 +283,8 @@ def _lifelong(rng, cfg, sel, users, catalog, t_rt_start, feat):
     lengths = np.exp(rng.uniform(0, np.log(max_ll + 1), u)).astype(np.int64)
     lengths = np.clip(lengths, 1, max_ll)
     lengths[rng.random(u) < cfg.empty_ll_fraction] = 0
+    if cfg.fixed_ll_length is not None:
+        lengths[:] = min(cfg.fixed_ll_length, max_ll)
     rows = _row_of_token(lengths)
     kind = rng.choice(3, size=len(rows), p=np.asarray(cfg.ll_mix) / np.sum(cfg.ll_mix))
     topics = rng.integers(0, cfg.num_topics, len(rows)).astype(np.int32)

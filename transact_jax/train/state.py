@@ -56,13 +56,18 @@ class ModelDef:
         return nnx.merge(self.graphdef, state)
 
 
-def build_model(cfg: ExperimentConfig, seed: int) -> Tuple[ModelDef, Params]:
-    """Initialize the model; returns its static definition and the parameter dict."""
-    init = _initializer(cfg.feature, cfg.selection, cfg.model)
+def model_def(cfg: ExperimentConfig) -> ModelDef:
+    """The model's static definition (shapes only, no parameters are initialized)."""
     # Shapes only: the template must not alias the parameters, which the train step donates.
     graphdef, template = nnx.split(nnx.eval_shape(
         lambda: RankingModel(cfg.feature, cfg.selection, cfg.model, rngs=nnx.Rngs(0))))
-    return ModelDef(graphdef, template), init(jax.random.key(seed))
+    return ModelDef(graphdef, template)
+
+
+def build_model(cfg: ExperimentConfig, seed: int) -> Tuple[ModelDef, Params]:
+    """Initialize the model; returns its static definition and the parameter dict."""
+    init = _initializer(cfg.feature, cfg.selection, cfg.model)
+    return model_def(cfg), init(jax.random.key(seed))
 
 
 @functools.lru_cache(maxsize=32)
