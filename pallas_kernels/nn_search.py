@@ -76,12 +76,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import check_tiling, default_interpret, is_pow2, next_pow2
-from pallas_kernels.int8_codec import QUANT_MAX, QUANT_SCALE
+from pallas_kernels.int8_codec import QUANT_SCALE
 from pallas_kernels.nn_search_reference import PAD_INDEX, nn_search_reference
 
 MAX_K = 128
 """Largest K the kernel supports."""
-_RADIX_BITS = 4
+_BOUND_BITS = 16
+"""Key bits T_lo resolves (sign, exponent, 7 mantissa bits): a bound within ~1% of the K-th bin
+maximum at half the cost of an exact one."""
 _INT32_MIN = -(2 ** 31)
 _NORM_EPS = 1e-12
 
@@ -95,6 +97,10 @@ class NNSearchConfig:
       block_t: sequence tokens per tile (power of two, >= 16).
       num_warps: warps per program (Triton).
       num_stages: software-pipelining stages of the token loops (Triton).
+      radix_bits: bits per radix-select digit over bins and survivors (1, 2 or 4; each digit
+        costs ``2**bits - 1`` cross-thread counts, one bit per step the fewest in all).
+      scores: how tiles are scored: ``"bf16x3"`` on tensor cores (the candidate split into three
+        bfloat16 pieces; int8 codes are exact in bfloat16) or ``"fma"`` (float32 FMA).
       splits: S, chunks of consecutive tiles each request's sequence is split into for the two
         token passes (one program per block and chunk: enough programs to hide latency).
       bins: W, the bins of the pass-1 bound (0: ``max(2 * next_pow2(K), S * block_t)``); a power
@@ -107,7 +113,9 @@ class NNSearchConfig:
     block_t: int = 64
     num_warps: int = 4
     num_stages: int = 1
-    splits: int = 8
+    radix_bits: int = 1
+    scores: Literal["bf16x3", "fma"] = "bf16x3"
+    splits: int = 1
     bins: int = 0
     survivors: int = 0
 
@@ -116,6 +124,11 @@ class NNSearchConfig:
         if self.survivors and (not is_pow2(self.survivors) or self.survivors < 16):
             raise ValueError(f"NNSearchConfig.survivors: expected 0 or a power of two >= 16, got "
                              f"{self.survivors}")
+        if self.radix_bits not in (1, 2, 4):
+            raise ValueError(f"NNSearchConfig.radix_bits: expected 1, 2 or 4, got {self.radix_bits}")
+        if self.scores not in ("bf16x3", "fma"):
+            raise ValueError(f"NNSearchConfig.scores: expected 'bf16x3' or 'fma', got "
+                             f"{self.scores!r}")
         if not is_pow2(self.splits):
             raise ValueError(f"NNSearchConfig.splits: expected a power of two, got {self.splits}")
         least = self.splits * self.block_t
@@ -140,17 +153,41 @@ def _wrap_int32(value: int) -> jax.Array:
     return jnp.int32(((value + 2 ** 31) % 2 ** 32) - 2 ** 31)
 
 
-def _score_keys(c_norm, seq_ref, start, t0, block_t: int, length, scale: float):
+def _split_bf16(c_norm) -> Tuple[jax.Array, ...]:
+    """c = c1 + c2 + c3 in bfloat16 pieces (24 bits of mantissa between them: float32 accuracy)."""
+    c1 = c_norm.astype(jnp.bfloat16)
+    r1 = c_norm - c1.astype(jnp.float32)
+    c2 = r1.astype(jnp.bfloat16)
+    c3 = (r1 - c2.astype(jnp.float32)).astype(jnp.bfloat16)
+    return c1, c2, c3
+
+
+def _score_keys(cand, seq_ref, start, t0, block_t: int, length, scale: float):
     """Scores (block_c, block_t) of the candidates against tokens ``[t0, t0 + block_t)`` of the
-    sequence starting at row ``start`` of ``seq_ref``, and their order-preserving int32 keys."""
+    sequence starting at row ``start`` of ``seq_ref``, and their order-preserving int32 keys.
+
+    ``cand`` is the L2-normalized candidates as float32 (IEEE float32 FMA products) or as the
+    three bfloat16 pieces of :func:`_split_bf16` (tensor cores). The cosine of a token with codes
+    q is ``(c . q) / |q|``: the int8 scale cancels, and ``|q|^2`` is an exact integer sum. int8
+    codes are exact in bfloat16 and a product of two bfloat16 numbers is exact in float32, so the
+    three-piece tensor-core score differs from the float32 one only in float32 accumulation order.
+    """
+    del scale                                       # cancels in the cosine
     pos = t0 + jnp.arange(block_t)
     valid = pos < length
     codes = plgpu.load(seq_ref.at[pl.ds(start + t0, block_t), :], mask=valid[:, None], other=0)
-    x = codes.astype(jnp.float32) * (scale / QUANT_MAX)
-    norm = jnp.sqrt(jnp.sum(x * x, axis=1, keepdims=True))
-    x = x / jnp.maximum(norm, _NORM_EPS)
-    s = jnp.dot(c_norm, x.T, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
-    s = s + 0.0                                     # -0.0 -> +0.0: equal floats, equal keys
+    q = codes.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(q * q, axis=1))
+    inv = jnp.where(norm > 0, 1.0 / jnp.maximum(norm, 1.0), 0.0)
+    if isinstance(cand, tuple):
+        qt = codes.astype(jnp.bfloat16).T
+        s = jnp.dot(cand[2], qt, preferred_element_type=jnp.float32)
+        s = s + jnp.dot(cand[1], qt, preferred_element_type=jnp.float32)
+        s = s + jnp.dot(cand[0], qt, preferred_element_type=jnp.float32)
+    else:
+        s = jnp.dot(cand, q.T, preferred_element_type=jnp.float32,
+                    precision=lax.Precision.HIGHEST)
+    s = s * inv[None, :] + 0.0                      # -0.0 -> +0.0: equal floats, equal keys
     bits = lax.bitcast_convert_type(s, jnp.int32)
     keys = jnp.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
     return s, keys, pos, valid
@@ -161,21 +198,24 @@ def _keys_to_scores(keys):
     return lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _radix_kth(count_ge, k: int, block_c: int):
-    """Exact K-th largest key per row by 4-bit radix digits (module docstring).
+def _radix_kth(count_ge, k: int, block_c: int, bits: int, stop_bit: int = 0):
+    """K-th largest key per row by radix digits of ``bits`` bits, from the top (module docstring).
 
     ``count_ge(thresholds)`` returns, for a list of (block_c,) int32 thresholds, the per-row counts
-    of valid keys >= each. Returns (T*, #keys > T*); T* = INT32_MIN where fewer than K keys exist.
+    of valid keys >= each. Returns (T, #keys >= T + 2**stop_bit) where T is the K-th largest key
+    with its bits below ``stop_bit`` cleared: exact for ``stop_bit=0``, otherwise a lower bound
+    that still has >= K keys at or above it. T = INT32_MIN where fewer than K keys exist. Each digit
+    costs ``2**bits - 1`` counts (cross-thread reductions): one bit per step needs the fewest.
     """
     prefix = jnp.full((block_c,), _INT32_MIN, jnp.int32)
-    count_above = jnp.zeros((block_c,), jnp.int32)    # #keys >= prefix + 16 ** (shift + 1)
-    for shift in range(32 - _RADIX_BITS, -1, -_RADIX_BITS):
-        # int32 wrap-around is intended: prefix + d * 16**shift always lands inside int32
-        thresholds = [prefix + _wrap_int32(d << shift) for d in range(1, 1 << _RADIX_BITS)]
+    count_above = jnp.zeros((block_c,), jnp.int32)    # #keys >= prefix + 2 ** (shift + bits)
+    for shift in range(32 - bits, stop_bit - 1, -bits):
+        # int32 wrap-around is intended: prefix + d * 2**shift always lands inside int32
+        thresholds = [prefix + _wrap_int32(d << shift) for d in range(1, 1 << bits)]
         counts = list(count_ge(thresholds)) + [count_above]
         digit = jnp.zeros((block_c,), jnp.int32)
         next_above = counts[0]
-        for d in range(1, 1 << _RADIX_BITS):
+        for d in range(1, 1 << bits):
             take = counts[d - 1] >= k
             digit = jnp.where(take, d, digit)
             next_above = jnp.where(take, counts[d], next_above)
@@ -210,14 +250,14 @@ class _Block(NamedTuple):
     num_tiles: jax.Array
     rows: jax.Array           # (block_c,) 0..block_c-1
     row_ok: jax.Array         # (block_c,) rows that hold a candidate
-    c_norm: jax.Array         # (block_c, D) L2-normalized candidate embeddings
+    cand: object              # normalized candidates: (block_c, D) f32 or 3 bf16 pieces
     out_rows: jax.Array       # (block_c, 1) output row of each candidate (or a spare row)
     trash: bool               # interpret mode: masked-off scatter lanes go to spare targets
 
 
 def _load_block(p, block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
-                perm_ref, cand_ref, n_out: int, *, block_c: int, block_t: int,
-                trash: bool) -> _Block:
+                perm_ref, cand_ref, n_out: int, *, block_c: int, block_t: int, trash: bool,
+                scores: str = "fma") -> _Block:
     req = block_req_ref[p]
     row0 = block_row_ref[p]
     count = block_cnt_ref[p]                        # 0 for surplus programs
@@ -236,7 +276,8 @@ def _load_block(p, block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, len
     # writing the old value back, so there every masked-off lane gets its own spare target (rows
     # past N, columns past the used ones) that the wrapper slices away.
     out_rows = jnp.where(row_ok, cand_rows, n_out + rows if trash else 0)[:, None]
-    return _Block(start, length, lax.div(length + block_t - 1, block_t), rows, row_ok, c_norm,
+    cand = _split_bf16(c_norm) if scores == "bf16x3" else c_norm
+    return _Block(start, length, lax.div(length + block_t - 1, block_t), rows, row_ok, cand,
                   out_rows, trash)
 
 
@@ -288,12 +329,13 @@ def _chunk(blk: _Block, s, splits: int, block_t: int):
 
 def _bound_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref, perm_ref,
                   seq_ref, cand_ref, bins_ref, *, chunk_bins: int, splits: int, block_c: int,
-                  block_t: int, scale: float, trash: bool):
+                  block_t: int, scale: float, trash: bool, scores: str):
     """Step 1 for chunk ``s``: the maxima of its ``chunk_bins`` bins (columns
     ``[s * chunk_bins, (s + 1) * chunk_bins)`` of the block's rows of ``bins_ref``)."""
     p, s = pl.program_id(0), pl.program_id(1)
     blk = _load_block(p, block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
-                      perm_ref, cand_ref, 0, block_c=block_c, block_t=block_t, trash=trash)
+                      perm_ref, cand_ref, 0, block_c=block_c, block_t=block_t, trash=trash,
+                      scores=scores)
     t0, count, limit = _chunk(blk, s, splits, block_t)
     groups = chunk_bins // block_t
 
@@ -303,7 +345,7 @@ def _bound_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, leng
         out = []
         for j, mj in enumerate(ms):
             t = t0 + i * groups + j
-            _, keys, _, valid = _score_keys(blk.c_norm, seq_ref, blk.start, t * block_t, block_t,
+            _, keys, _, valid = _score_keys(blk.cand, seq_ref, blk.start, t * block_t, block_t,
                                             limit, scale)
             out.append(jnp.maximum(mj, jnp.where(valid[None, :], keys, _INT32_MIN)))
         return tuple(out)
@@ -317,32 +359,34 @@ def _bound_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, leng
         plgpu.store(bins_ref.at[rows, cols[None, :]], mj)
 
 
-def _threshold_kernel(bins_ref, t_lo_ref, *, k: int, block_c: int):
+def _threshold_kernel(bins_ref, t_lo_ref, *, k: int, block_c: int, radix_bits: int):
     """T_lo per row: the K-th largest of its W bin maxima (>= K tokens score >= T_lo)."""
     p = pl.program_id(0)
     rows = p * block_c + jnp.arange(block_c)
     m = plgpu.load(bins_ref.at[rows[:, None], jnp.arange(bins_ref.shape[1])[None, :]])
-    t_lo, _ = _radix_kth(lambda th: _count_ge(m, m > _INT32_MIN, th), k, block_c)
+    t_lo, _ = _radix_kth(lambda th: _count_ge(m, m > _INT32_MIN, th), k, block_c, radix_bits,
+                         stop_bit=32 - _BOUND_BITS)
     plgpu.store(t_lo_ref.at[rows], t_lo)
 
 
 def _collect_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
                     perm_ref, seq_ref, cand_ref, t_lo_ref, key_ref, idx_ref, count_ref, *,
                     capacity: int, splits: int, block_c: int, block_t: int, scale: float,
-                    trash: bool):
+                    trash: bool, scores: str):
     """Step 2 for chunk ``s``: its tokens with key >= T_lo, in index order, into columns
     ``[s * capacity, (s + 1) * capacity)`` of the row's buffers; their number into
     ``count_ref[row, s]`` (it may exceed ``capacity``: only the first ``capacity`` are stored)."""
     p, s = pl.program_id(0), pl.program_id(1)
     blk = _load_block(p, block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
-                      perm_ref, cand_ref, 0, block_c=block_c, block_t=block_t, trash=trash)
+                      perm_ref, cand_ref, 0, block_c=block_c, block_t=block_t, trash=trash,
+                      scores=scores)
     t0, count, limit = _chunk(blk, s, splits, block_t)
     rows = p * block_c + blk.rows
     t_lo = plgpu.load(t_lo_ref.at[rows])
     base = s * capacity
 
     def collect(i, written):
-        _, keys, pos, valid = _score_keys(blk.c_norm, seq_ref, blk.start, (t0 + i) * block_t,
+        _, keys, pos, valid = _score_keys(blk.cand, seq_ref, blk.start, (t0 + i) * block_t,
                                           block_t, limit, scale)
         keep = valid[None, :] & (keys >= t_lo[:, None]) & blk.row_ok[:, None]
         keep_i = keep.astype(jnp.int32)
@@ -361,7 +405,8 @@ def _collect_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, le
 def _select_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
                    perm_ref, seq_ref, cand_ref, count_ref, key_in_ref, sidx_in_ref, idx_ref,
                    score_ref, overflow_ref, key_ref, sidx_ref, *, k: int, capacity: int,
-                   splits: int, block_c: int, block_t: int, trash: bool):
+                   splits: int, block_c: int, block_t: int, trash: bool, scores: str,
+                   radix_bits: int):
     """Step 3: the chunks' survivors compacted (chunk order = index order) into the first
     ``capacity`` columns, the exact K-th among them, the selection in index order. Flags the block
     when a row has more survivors than ``capacity`` (its rows are then left to the fallback).
@@ -370,7 +415,8 @@ def _select_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, len
     p = pl.program_id(0)
     n_out = idx_ref.shape[0] - (block_c if trash else 0)
     blk = _load_block(p, block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
-                      perm_ref, cand_ref, n_out, block_c=block_c, block_t=block_t, trash=trash)
+                      perm_ref, cand_ref, n_out, block_c=block_c, block_t=block_t, trash=trash,
+                      scores=scores)
     rows = (p * block_c + blk.rows)[:, None]
 
     def found(s):                                   # (block_c,) survivors of chunk s
@@ -400,7 +446,7 @@ def _select_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, len
     s_ok = (cols < total[:, None]) & blk.row_ok[:, None] & jnp.logical_not(overflow)
     s_keys = plgpu.load(key_ref.at[rows, cols], mask=s_ok, other=_INT32_MIN)
     s_idx = plgpu.load(sidx_ref.at[rows, cols], mask=s_ok, other=0)
-    kth, above = _radix_kth(lambda th: _count_ge(s_keys, s_ok, th), k, block_c)
+    kth, above = _radix_kth(lambda th: _count_ge(s_keys, s_ok, th), k, block_c, radix_bits)
     zeros = jnp.zeros((block_c,), jnp.int32)
     sel, slot, written, _ = _select(s_keys, s_ok, kth, k - above, zeros, zeros)
     _store_selected(blk, idx_ref, score_ref, k, sel, slot, s_idx, _keys_to_scores(s_keys))
@@ -409,7 +455,8 @@ def _select_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, len
 
 def _fallback_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
                      perm_ref, seq_ref, cand_ref, overflow_ref, idx_in_ref, score_in_ref, idx_ref,
-                     score_ref, *, k: int, block_c: int, block_t: int, scale: float, trash: bool):
+                     score_ref, *, k: int, block_c: int, block_t: int, scale: float, trash: bool,
+                     scores: str):
     """Step 4: the radix select over the whole sequence for flagged blocks (others exit at once).
     ``idx_ref``/``score_ref`` alias ``idx_in_ref``/``score_in_ref``: unflagged rows keep the main
     kernel's results."""
@@ -417,13 +464,14 @@ def _fallback_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, l
     p = pl.program_id(0)
     n_out = idx_ref.shape[0] - (block_c if trash else 0)
     blk = _load_block(p, block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
-                      perm_ref, cand_ref, n_out, block_c=block_c, block_t=block_t, trash=trash)
+                      perm_ref, cand_ref, n_out, block_c=block_c, block_t=block_t, trash=trash,
+                      scores=scores)
     active = overflow_ref[p] > 0
     tiles = jnp.where(active, blk.num_tiles, 0)
     zeros = jnp.zeros((block_c,), jnp.int32)
 
     def tile(t):
-        return _score_keys(blk.c_norm, seq_ref, blk.start, t * block_t, block_t, blk.length, scale)
+        return _score_keys(blk.cand, seq_ref, blk.start, t * block_t, block_t, blk.length, scale)
 
     def count_all(thresholds):
         def body(t, counts):
@@ -432,7 +480,7 @@ def _fallback_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, l
             return tuple(a + b for a, b in zip(counts, got))
         return lax.fori_loop(0, tiles, body, tuple(zeros for _ in thresholds))
 
-    kth, above = _radix_kth(count_all, k, block_c)
+    kth, above = _radix_kth(count_all, k, block_c, 4)       # 4 bits: 8 passes over the tokens
 
     def select_tile(t, carry):
         written, ties = carry
@@ -523,7 +571,7 @@ def _search(seq_q, offsets, lengths, cand, cand_to_req, *, k: int, scale: float,
     out_shape = (n + (block_c if trash else 0), k + (max(block_t, k_pad, capacity) if trash else 0))
     buf_shape = (rows, splits * capacity + (max(block_t, capacity) if trash else 0))
     tables = (block_req, block_row, block_cnt, offsets, lengths, perm, seq_q, cand)
-    common = dict(block_c=block_c, block_t=block_t, trash=trash)
+    common = dict(block_c=block_c, block_t=block_t, trash=trash, scores=config.scores)
 
     def call(kernel, grid, out, name, aliases=None, **kw):
         return pl.pallas_call(
@@ -539,7 +587,7 @@ def _search(seq_q, offsets, lengths, cand, cand_to_req, *, k: int, scale: float,
     bins_max = call(_bound_kernel, (num_blocks, splits), i32((rows, bins)), "nn_search_bound",
                     chunk_bins=bins // splits, splits=splits, scale=scale, **common)(*tables)
     t_lo = call(_threshold_kernel, (num_blocks,), i32((rows,)), "nn_search_threshold", k=k,
-                block_c=block_c)(bins_max)
+                block_c=block_c, radix_bits=config.radix_bits)(bins_max)
     if phases == 1:          # profiling only
         return t_lo, bins_max
     keys, sidx, found = call(_collect_kernel, (num_blocks, splits),
@@ -553,7 +601,7 @@ def _search(seq_q, offsets, lengths, cand, cand_to_req, *, k: int, scale: float,
     idx, scores, overflow, _, _ = call(
         _select_kernel, (num_blocks,), out + (i32((num_blocks,)), i32(buf_shape), i32(buf_shape)),
         "nn_search_select", aliases={n_in + 1: 3, n_in + 2: 4}, k=k, capacity=capacity,
-        splits=splits, **common)(*tables, found, keys, sidx)
+        splits=splits, radix_bits=config.radix_bits, **common)(*tables, found, keys, sidx)
     redo = call(_fallback_kernel, (num_blocks,), out, "nn_search_fallback",
                 aliases={n_in + 1: 0, n_in + 2: 1}, k=k, scale=scale, **common)
     idx, scores = lax.cond(jnp.any(overflow > 0), lambda i, s: redo(*tables, overflow, i, s),
