@@ -511,7 +511,9 @@ def _block_table(cand_to_req: jax.Array, num_req: int, block_c: int, num_blocks:
     blocks_per_req = (counts + block_c - 1) // block_c
     block_end = jnp.cumsum(blocks_per_req)
     b = jnp.arange(num_blocks, dtype=jnp.int32)
-    req = jnp.searchsorted(block_end, b, side="right").astype(jnp.int32)
+    # "compare_all": one fused elementwise kernel. The default "scan" method is a loop, and an
+    # XLA GPU while loop syncs with the host on every trip (measured: ~0.1 ms per call, H100).
+    req = jnp.searchsorted(block_end, b, side="right", method="compare_all").astype(jnp.int32)
     live = req < num_req
     req_c = jnp.minimum(req, num_req - 1)
     j = b - (block_end[req_c] - blocks_per_req[req_c])             # block number within the request
@@ -602,10 +604,11 @@ def _search(seq_q, offsets, lengths, cand, cand_to_req, *, k: int, scale: float,
         _select_kernel, (num_blocks,), out + (i32((num_blocks,)), i32(buf_shape), i32(buf_shape)),
         "nn_search_select", aliases={n_in + 1: 3, n_in + 2: 4}, k=k, capacity=capacity,
         splits=splits, radix_bits=config.radix_bits, **common)(*tables, found, keys, sidx)
-    redo = call(_fallback_kernel, (num_blocks,), out, "nn_search_fallback",
-                aliases={n_in + 1: 0, n_in + 2: 1}, k=k, scale=scale, **common)
-    idx, scores = lax.cond(jnp.any(overflow > 0), lambda i, s: redo(*tables, overflow, i, s),
-                           lambda i, s: (i, s), idx, scores)
+    # Always launched: unflagged blocks exit at once, which is cheaper than a ``lax.cond`` (XLA
+    # reads a conditional's predicate on the host: a device-to-host sync per call).
+    idx, scores = call(_fallback_kernel, (num_blocks,), out, "nn_search_fallback",
+                       aliases={n_in + 1: 0, n_in + 2: 1}, k=k, scale=scale,
+                       **common)(*tables, overflow, idx, scores)
     return idx[:n, :k], scores[:n, :k]
 
 

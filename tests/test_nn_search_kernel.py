@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import jax.numpy as jnp
 
-from pallas_kernels.nn_search import MAX_K, NNSearchConfig, nn_search, nn_search_jagged
+from pallas_kernels.int8_codec import QUANT_SCALE
+from pallas_kernels.nn_search import MAX_K, NNSearchConfig, _search, nn_search, nn_search_jagged
 from pallas_kernels.nn_search_reference import nn_search_reference
 from tests.helpers import random_requests
 from tests.test_nn_selection import check_against_brute
@@ -38,7 +39,11 @@ def random_case(seed: int, lengths, n: int, d: int = 32, dup: bool = True):
     return seq, lengths.astype(np.int32), cand, c2r
 
 
-CONFIGS = [NNSearchConfig(), NNSearchConfig(block_c=32, block_t=32, bins=512, survivors=512)]
+# the default (tensor-core scores, 1-bit radix, one chunk) and a variant with every other code path:
+# float32 FMA scores, 2-bit radix digits, the sequence split into 4 chunks, a wider block
+CONFIGS = [NNSearchConfig(),
+           NNSearchConfig(block_c=32, block_t=32, bins=512, survivors=512, splits=4, radix_bits=2,
+                          scores="fma")]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=["default", "wide"])
@@ -72,6 +77,12 @@ def test_survivor_buffer_overflow_takes_the_exact_fallback():
         check_against_brute(idx, scores, seq, lengths, cand, c2r, k, label=f"overflow k={k}")
         assert np.asarray(idx)[0].tolist() == list(range(k))        # all tie: the first k
         assert np.asarray(idx)[2].tolist() == list(range(k))
+    # the main kernels really did overflow (so the results above came from the fallback kernel)
+    u, length, d = seq.shape
+    found, _ = _search(jnp.asarray(seq.reshape(u * length, d)), jnp.arange(u, dtype=jnp.int32) * length,
+                       jnp.asarray(lengths), jnp.asarray(cand), jnp.asarray(c2r), k=10, scale=QUANT_SCALE,
+                       config=config, interpret=True, phases=2)
+    assert np.asarray(found).sum(axis=1).max() > 64
 
 
 def test_jagged_layout_equals_dense_and_candidate_order_does_not_matter():
@@ -119,6 +130,14 @@ def test_no_candidates_and_bad_inputs():
         NNSearchConfig(block_c=24)
     with pytest.raises(ValueError, match="survivors"):
         NNSearchConfig(survivors=100)
+    with pytest.raises(ValueError, match="radix_bits"):
+        NNSearchConfig(radix_bits=3)
+    with pytest.raises(ValueError, match="scores"):
+        NNSearchConfig(scores="tf32")
+    with pytest.raises(ValueError, match="bins"):
+        NNSearchConfig(splits=4, bins=128)             # fewer than splits * block_t
+    with pytest.raises(ValueError, match="bins"):
+        nn_search(seq, lengths, cand, c2r, k=MAX_K, config=NNSearchConfig(bins=64))
 
 
 def test_out_of_range_values_are_harmless():
