@@ -20,8 +20,11 @@ once) and the kernel's estimated on-chip re-reads, the FLOP floor (2 N L D), and
 bytes of the sequence in the two layouts. Also Triton's shared memory for the shipped config (sm_90a
 report and sm_86 compile).
 
-    python bench/nn_search.py            # full sweep (GPU machine)
+    python bench/nn_search.py            # full sweep (GPU machine, ~4 min)
     python bench/nn_search.py --quick    # L = 10k, 256 candidates per request only
+    python bench/nn_search.py --quick --profile   # + the kernels stopped after the bound /
+                                                  # collect stages, and the forced fallback
+    python bench/nn_search.py --quick --tune      # + other tilings
 
 Writes ``bench/results/nn_search.json``, ``nn_search.png`` and ``nn_search.md``.
 """
