@@ -277,24 +277,27 @@ def test_pinned_request_falls_back_to_pageable_on_cpu():
     assert Stager(dev, pinned=False).info == staging.StagingInfo(False, "pageable", "")
 
 
-def test_missing_memory_kind_and_failed_self_test_fall_back(monkeypatch):
+def test_missing_memory_kind_falls_back_to_pageable(monkeypatch):
     dev = jax.devices()[0]
     monkeypatch.setattr(staging, "has_memory_kind", lambda d, kind: False)
     info = Stager(dev, pinned=True, allow_non_gpu=True).info
     assert info.mode == "pageable" and "pinned_host" in info.reason
-    monkeypatch.undo()
-    if not staging.has_memory_kind(dev, "pinned_host"):
-        pytest.skip("this runtime has no pinned_host memory")
+
+
+@pytest.mark.gpu   # pinned_host memory exists on the GPU runtime only
+def test_failed_pinned_self_test_falls_back_to_pinned_copy(monkeypatch):
+    dev = jax.devices()[0]
+    assert staging.has_memory_kind(dev, "pinned_host")
     monkeypatch.setattr(staging, "_pinned_view", lambda array, nbytes: np.zeros(nbytes, np.uint8))
     info = Stager(dev, pinned=True, allow_non_gpu=True).info        # writes never reach the array
     assert info.mode == "pinned_copy" and "did not reach" in info.reason
 
 
-@pytest.mark.parametrize("mode", ["pageable", "pinned", "pinned_copy"])
+# pinned modes need pinned_host memory, which exists on the GPU runtime only
+@pytest.mark.parametrize("mode", ["pageable", pytest.param("pinned", marks=pytest.mark.gpu),
+                                  pytest.param("pinned_copy", marks=pytest.mark.gpu)])
 def test_arena_transfer_moves_the_collated_bytes(mode):
     dev = jax.devices()[0]
-    if mode != "pageable" and not staging.has_memory_kind(dev, "pinned_host"):
-        pytest.skip("this runtime has no pinned_host memory")
     st = Stager(dev, pinned=mode != "pageable", slots=1, allow_non_gpu=True)
     if mode == "pinned_copy":
         st.info = staging.StagingInfo(True, "pinned_copy", "forced by the test")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal
+from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +80,8 @@ def _search(seqs: DeviceSequences, lengths: jax.Array, cand: jax.Array, cand_to_
     return idx
 
 
-def _recent_index(lengths: jax.Array, count: int) -> jax.Array:
+def recent_index(lengths: jax.Array, count: int) -> jax.Array:
+    """(len(lengths), count) positions of the ``count`` most recent tokens, chronological, -1 pad."""
     start = jnp.maximum(lengths - count, 0)[:, None]
     idx = start + jnp.arange(count)[None, :]
     return jnp.where(idx < lengths[:, None], idx, PAD_INDEX).astype(jnp.int32)
@@ -114,14 +115,22 @@ def select_s_all_device(ll: DeviceSequences, rt: DeviceSequences, imp: DeviceSeq
     rt_old = jnp.maximum(rt.lengths - sel.r, 0)
     index = {
         "ll": (ll, _search(ll, ll.lengths, cand, c2r, sel.k_ll, scale, impl, sel.max_ll_len)),
-        "rt_recent": (rt, _recent_index(rt.lengths, sel.r)[c2r]),
+        "rt_recent": (rt, recent_index(rt.lengths, sel.r)[c2r]),
         "rt_nn": (rt, _search(rt, rt_old, cand, c2r, sel.k_rt, scale, impl, sel.max_rt_len)),
         "imp": (imp, _search(imp, imp.lengths, cand, c2r, sel.k_imp, scale, impl, sel.max_imp_len)),
     }
-    parts = [_gather(*(index[name][0], c2r, index[name][1])) for name, _ in sel.segments]
+    return assemble_s_all(index, lambda seqs, idx: _gather(seqs, c2r, idx), sel)
+
+
+def assemble_s_all(index, gather: Callable, sel: SelectionConfig) -> DeviceSAll:
+    """S_all from per-segment selections: ``index[segment] = (source, idx)`` with (N, k) positions
+    (-1 padding); ``gather(source, idx)`` returns (embeddings, actions, surfaces, mask) of those
+    positions. The segments are laid out in ``sel.segments`` order."""
+    segs = [index[name] for name, _ in sel.segments]
+    parts = [gather(source, idx) for source, idx in segs]
     return DeviceSAll(
         embeddings=jnp.concatenate([p[0] for p in parts], axis=1),
         actions=jnp.concatenate([p[1] for p in parts], axis=1),
         surfaces=jnp.concatenate([p[2] for p in parts], axis=1),
         mask=jnp.concatenate([p[3] for p in parts], axis=1),
-        source_index=jnp.concatenate([index[name][1] for name, _ in sel.segments], axis=1))
+        source_index=jnp.concatenate([idx for _, idx in segs], axis=1))

@@ -30,22 +30,21 @@ import jax.numpy as jnp
 
 from pallas_kernels.int8_codec import dequantize_int8, l2_normalize
 from pallas_kernels.nn_search import nn_search_jagged
-from pallas_kernels.nn_search_reference import PAD_INDEX, masked_top_k, normalized_sequence
+from pallas_kernels.nn_search_reference import masked_top_k, normalized_sequence
 from transact_jax.config import FeatureConfig, SelectionConfig
-from transact_jax.data.device_features import DeviceSAll, DeviceSequences, select_s_all_device
+from transact_jax.data.device_features import (
+    DeviceSAll,
+    DeviceSequences,
+    assemble_s_all,
+    recent_index,
+    select_s_all_device,
+)
 from transact_jax.model.inputs import ModelInputs
 from transact_jax.serving.layout import ArenaLayout
 from transact_jax.train.config import ExperimentConfig
 from transact_jax.train.state import model_def
 
 NN_IMPLS = ("pallas", "xla")
-
-
-def _recent(lengths: jax.Array, count: int) -> jax.Array:
-    """(N, count) positions of the ``count`` most recent tokens, chronological, -1 padding last."""
-    start = jnp.maximum(lengths - count, 0)[:, None]
-    idx = start + jnp.arange(count, dtype=jnp.int32)[None, :]
-    return jnp.where(idx < lengths[:, None], idx, PAD_INDEX).astype(jnp.int32)
 
 
 def _dense_search(emb: jax.Array, lengths: jax.Array, cand: jax.Array, k: int, scale: float,
@@ -86,17 +85,16 @@ def select_s_all_broadcast(fams: Dict[str, Dict[str, jax.Array]], cand_embedding
     rt_old = jnp.maximum(rt["lengths"] - sel.r, 0)
     index = {
         "ll": (ll, _dense_search(ll["embeddings"], ll["lengths"], cand, sel.k_ll, scale, impl)),
-        "rt_recent": (rt, _recent(rt["lengths"], sel.r)),
+        "rt_recent": (rt, recent_index(rt["lengths"], sel.r)),
         "rt_nn": (rt, _dense_search(rt["embeddings"], rt_old, cand, sel.k_rt, scale, impl)),
         "imp": (imp, _dense_search(imp["embeddings"], imp["lengths"], cand, sel.k_imp, scale, impl)),
     }
-    segs = [index[name] for name, _ in sel.segments]
-    return DeviceSAll(
-        embeddings=jnp.concatenate([_take(f["embeddings"], i) for f, i in segs], axis=1),
-        actions=jnp.concatenate([_take(f["actions"], i) for f, i in segs], axis=1),
-        surfaces=jnp.concatenate([_take(f["surfaces"], i) for f, i in segs], axis=1),
-        mask=jnp.concatenate([i >= 0 for _, i in segs], axis=1),
-        source_index=jnp.concatenate([i for _, i in segs], axis=1))
+
+    def gather(fam, idx):
+        return (_take(fam["embeddings"], idx), _take(fam["actions"], idx),
+                _take(fam["surfaces"], idx), idx >= 0)
+
+    return assemble_s_all(index, gather, sel)
 
 
 def _s_all(arrays: Dict[str, jax.Array], layout: ArenaLayout, feat: FeatureConfig,
