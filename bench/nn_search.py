@@ -101,7 +101,7 @@ def kernel_pipeline(config: NNSearchConfig, phases: int = 3):
 
 def variant_name(v: NNSearchConfig) -> str:
     return (f"kernel_c{v.block_c}_t{v.block_t}_w{v.num_warps}_s{v.num_stages}_x{v.splits}"
-            f"_b{v.bins}_v{v.survivors}")
+            f"_r{v.radix_bits}_{v.scores}_b{v.bins}_v{v.survivors}")
 
 
 def run_shape(length: int, cpr: int, repeats: int, config: NNSearchConfig, variants=(),
@@ -225,10 +225,12 @@ def main() -> None:
     result = {"environment": env, "config": config.__dict__, "k": K, "candidates_per_batch": N_TOTAL,
               "timing": f"median of samples of {CALLS} back-to-back calls, compile excluded"}
     shapes = [(10_000, 256)] if args.quick else [(L, c) for L in LENGTHS for c in CANDS]
-    variants = [NNSearchConfig(block_c=c, block_t=t, num_warps=w, num_stages=st, splits=sp)
-                for c, t, w, st, sp in
-                ((16, 64, 4, 1, 16), (16, 64, 4, 1, 32), (16, 32, 4, 1, 16), (16, 64, 2, 1, 16),
-                 (16, 64, 4, 3, 16), (32, 64, 4, 1, 16))] if args.tune else []
+    # --tune: the design choices one at a time against the default (the ablation in the
+    # nn_search docstring), then other tilings
+    base = NNSearchConfig()
+    variants = [dataclasses.replace(base, **kw) for kw in
+                ({"scores": "fma"}, {"radix_bits": 4}, {"radix_bits": 2}, {"splits": 8},
+                 {"block_t": 32}, {"num_warps": 8}, {"block_c": 32})] if args.tune else []
     rows = [run_shape(L, c, args.repeats, config, variants, (1, 2) if args.profile else ())
             for L, c in shapes]
     result["rows"] = rows
