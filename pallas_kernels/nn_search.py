@@ -115,21 +115,18 @@ class NNSearchConfig:
         costs ``2**bits - 1`` cross-thread counts, one bit per step the fewest in all).
       scores: how tiles are scored: ``"bf16x3"`` on tensor cores (the candidate split into three
         bfloat16 pieces; int8 codes are exact in bfloat16) or ``"fma"`` (float32 FMA).
-      splits: S, chunks of consecutive tiles each request's sequence is split into for the two
-        token passes (one program per block and chunk: enough programs to hide latency).
-      bins: W, the bins of the pass-1 bound (0: ``max(2 * next_pow2(K), S * block_t)``); a power
-        of two >= ``S * block_t`` and >= K (fewer bins than K bound nothing).
+      bins: W, the bins of the step-1 bound (0: ``max(2 * next_pow2(K), block_t)``); a power of
+        two >= ``block_t`` and >= K (fewer bins than K bound nothing).
       survivors: capacity of the per-row survivor buffer (0: ``max(2 * next_pow2(K), 64)``; else a
         power of two >= 16). A block with a row over it is redone by the exact fallback kernel.
     """
 
     block_c: int = 16
-    block_t: int = 64
+    block_t: int = 128
     num_warps: int = 4
     num_stages: int = 1
     radix_bits: int = 1
     scores: Literal["bf16x3", "fma"] = "bf16x3"
-    splits: int = 1
     bins: int = 0
     survivors: int = 0
 
@@ -143,17 +140,14 @@ class NNSearchConfig:
         if self.scores not in ("bf16x3", "fma"):
             raise ValueError(f"NNSearchConfig.scores: expected 'bf16x3' or 'fma', got "
                              f"{self.scores!r}")
-        if not is_pow2(self.splits):
-            raise ValueError(f"NNSearchConfig.splits: expected a power of two, got {self.splits}")
-        least = self.splits * self.block_t
-        if self.bins and (not is_pow2(self.bins) or self.bins < least):
-            raise ValueError(f"NNSearchConfig.bins: expected 0 or a power of two >= splits * "
-                             f"block_t ({least}), got {self.bins}")
+        if self.bins and (not is_pow2(self.bins) or self.bins < self.block_t):
+            raise ValueError(f"NNSearchConfig.bins: expected 0 or a power of two >= block_t "
+                             f"({self.block_t}), got {self.bins}")
 
     def resolve(self, k: int) -> Tuple[int, int]:
         """(bins, survivors) for top-``k``: defaults filled in, bins checked against ``k``."""
         k_pad = next_pow2(k)
-        bins = self.bins or max(2 * k_pad, self.splits * self.block_t)
+        bins = self.bins or max(2 * k_pad, self.block_t)
         if bins < k:
             raise ValueError(f"NNSearchConfig.bins: {bins} bins cannot bound the top {k}; "
                              f"use at least {next_pow2(k)}")
@@ -176,30 +170,28 @@ def _split_bf16(c_norm) -> Tuple[jax.Array, ...]:
     return c1, c2, c3
 
 
-def _score_keys(cand, seq_ref, start, t0, block_t: int, length, scale: float):
+def _score_keys(cand, seq_ref, inv_ref, start, t0, block_t: int, length):
     """Scores (block_c, block_t) of the candidates against tokens ``[t0, t0 + block_t)`` of the
     sequence starting at row ``start`` of ``seq_ref``, and their order-preserving int32 keys.
 
-    ``cand`` is the L2-normalized candidates as float32 (IEEE float32 FMA products) or as the
-    three bfloat16 pieces of :func:`_split_bf16` (tensor cores). The cosine of a token with codes
-    q is ``(c . q) / |q|``: the int8 scale cancels, and ``|q|^2`` is an exact integer sum. int8
+    ``cand`` is the L2-normalized candidates: float32 (IEEE float32 FMA products), the three
+    bfloat16 pieces of :func:`_split_bf16` or the int8 pieces of :func:`_split_int8` (tensor
+    cores). The cosine of a token with codes q is ``(c . q) / |q|``: the int8 scale cancels, and
+    ``|q|^2`` is an exact integer sum (``inv_ref`` holds ``1 / |q|`` per token when given). int8
     codes are exact in bfloat16 and a product of two bfloat16 numbers is exact in float32, so the
-    three-piece tensor-core score differs from the float32 one only in float32 accumulation order.
+    three-piece bfloat16 score differs from the float32 one only in float32 accumulation order.
     """
-    del scale                                       # cancels in the cosine
     pos = t0 + jnp.arange(block_t)
     valid = pos < length
     codes = plgpu.load(seq_ref.at[pl.ds(start + t0, block_t), :], mask=valid[:, None], other=0)
-    q = codes.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(q * q, axis=1))
-    inv = jnp.where(norm > 0, 1.0 / jnp.maximum(norm, 1.0), 0.0)
+    inv = plgpu.load(inv_ref.at[pl.ds(start + t0, block_t)], mask=valid, other=0.0)
     if isinstance(cand, tuple):
         qt = codes.astype(jnp.bfloat16).T
         s = jnp.dot(cand[2], qt, preferred_element_type=jnp.float32)
         s = s + jnp.dot(cand[1], qt, preferred_element_type=jnp.float32)
         s = s + jnp.dot(cand[0], qt, preferred_element_type=jnp.float32)
     else:
-        s = jnp.dot(cand, q.T, preferred_element_type=jnp.float32,
+        s = jnp.dot(cand, codes.astype(jnp.float32).T, preferred_element_type=jnp.float32,
                     precision=lax.Precision.HIGHEST)
     s = s * inv[None, :] + 0.0                      # -0.0 -> +0.0: equal floats, equal keys
     bits = lax.bitcast_convert_type(s, jnp.int32)
@@ -238,9 +230,24 @@ def _radix_kth(count_ge, k: int, block_c: int, bits: int, stop_bit: int = 0):
     return prefix, count_above
 
 
+def _row_sums(terms, max_value: int):
+    """Per-row sums of (rows, W) int32 ``terms`` in [0, max_value] (summed over W), packing as many
+    as fit into one int32 per cross-thread reduction (each reduction is a barrier-bound step)."""
+    width = max(1, max_value.bit_length())
+    per = max(1, 31 // width)
+    out = []
+    for g in range(0, len(terms), per):
+        group = terms[g:g + per]
+        packed = functools.reduce(jnp.add, [t << (width * i) for i, t in enumerate(group)])
+        total = jnp.sum(packed, axis=1)
+        out += [(total >> (width * i)) & ((1 << width) - 1) for i in range(len(group))]
+    return out
+
+
 def _count_ge(keys, valid, thresholds):
-    return tuple(jnp.sum((valid & (keys >= th[:, None])).astype(jnp.int32), axis=1)
-                 for th in thresholds)
+    """Per-row counts of valid keys >= each threshold (one packed reduction per few thresholds)."""
+    return _row_sums([(valid & (keys >= th[:, None])).astype(jnp.int32) for th in thresholds],
+                     keys.shape[1])
 
 
 def _select(keys, valid, kth, need_ties, written, ties_seen):
@@ -253,7 +260,8 @@ def _select(keys, valid, kth, need_ties, written, ties_seen):
     sel = gt | ((eq > 0) & (tie_rank <= need_ties[:, None]))
     sel_i = sel.astype(jnp.int32)
     slot = written[:, None] + jnp.cumsum(sel_i, axis=1) - 1
-    return sel, slot, written + jnp.sum(sel_i, axis=1), ties_seen + jnp.sum(eq, axis=1)
+    n_sel, n_eq = _row_sums([sel_i, eq], keys.shape[1])
+    return sel, slot, written + n_sel, ties_seen + n_eq
 
 
 class _Block(NamedTuple):
@@ -267,21 +275,20 @@ class _Block(NamedTuple):
     cand: object              # normalized candidates: (block_c, D) f32 or 3 bf16 pieces
     out_rows: jax.Array       # (block_c, 1) output row of each candidate (or a spare row)
     trash: bool               # interpret mode: masked-off scatter lanes go to spare targets
+    inv_ref: object           # (T,) 1 / |q| per token
 
 
-def _load_block(p, block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
-                perm_ref, cand_ref, n_out: int, *, block_c: int, block_t: int, trash: bool,
-                scores: str = "fma") -> _Block:
+def _load_block(p, block_req_ref, slots_ref, offsets_ref, lengths_ref, cand_ref, inv_ref,
+                n_out: int, *, block_c: int, block_t: int, trash: bool, scores: str) -> _Block:
+    """Program ``p``'s block: candidates ``slots[p * block_c : (p + 1) * block_c]`` (-1: no
+    candidate), all of request ``block_req[p]`` (the empty request for surplus programs)."""
     req = block_req_ref[p]
-    row0 = block_row_ref[p]
-    count = block_cnt_ref[p]                        # 0 for surplus programs
-    has_req = count > 0
-    safe_req = jnp.where(has_req, req, 0)
-    start = offsets_ref[safe_req]
-    length = jnp.where(has_req, lengths_ref[safe_req], 0)
+    start = offsets_ref[req]
+    length = lengths_ref[req]
     rows = jnp.arange(block_c)
-    row_ok = rows < count
-    cand_rows = plgpu.load(perm_ref.at[pl.ds(row0, block_c)], mask=row_ok, other=0)
+    cand_rows = plgpu.load(slots_ref.at[pl.ds(p * block_c, block_c)])
+    row_ok = cand_rows >= 0
+    cand_rows = jnp.maximum(cand_rows, 0)
     d = cand_ref.shape[1]
     c = plgpu.load(cand_ref.at[cand_rows[:, None], jnp.arange(d)[None, :]], mask=row_ok[:, None],
                    other=0).astype(jnp.float32)
@@ -292,7 +299,7 @@ def _load_block(p, block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, len
     out_rows = jnp.where(row_ok, cand_rows, n_out + rows if trash else 0)[:, None]
     cand = _split_bf16(c_norm) if scores == "bf16x3" else c_norm
     return _Block(start, length, lax.div(length + block_t - 1, block_t), rows, row_ok, cand,
-                  out_rows, trash)
+                  out_rows, trash, inv_ref)
 
 
 def _spare(blk: _Block, cols_used: int, width: int):
@@ -326,179 +333,109 @@ def _barrier(blk: _Block) -> None:
         plgpu.debug_barrier()
 
 
-# -------------------------------------------------------------------------------------- kernels
-#
-# The main path is three kernels. ``bound`` and ``collect`` run one program per (block, chunk):
-# the request's tiles are split into ``splits`` chunks of consecutive tiles so that there are
-# enough programs to hide memory and reduction latency; ``select`` runs one program per block.
+# --------------------------------------------------------------------------------------- kernel
 
 
-def _chunk(blk: _Block, s, splits: int, block_t: int):
-    """Tiles [t0, t0 + count) of chunk ``s`` and the token limit (exclusive) that masks them."""
-    per = lax.div(blk.num_tiles + splits - 1, splits)
-    t0 = s * per
-    count = jnp.clip(blk.num_tiles - t0, 0, per)
-    return t0, count, jnp.minimum(blk.length, (t0 + per) * block_t)
+def _tile_keys(blk: _Block, seq_ref, t, block_t: int):
+    return _score_keys(blk.cand, seq_ref, blk.inv_ref, blk.start, t * block_t, block_t, blk.length)
 
 
-def _bound_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref, perm_ref,
-                  seq_ref, cand_ref, bins_ref, *, chunk_bins: int, splits: int, block_c: int,
-                  block_t: int, scale: float, trash: bool, scores: str):
-    """Step 1 for chunk ``s``: the maxima of its ``chunk_bins`` bins (columns
-    ``[s * chunk_bins, (s + 1) * chunk_bins)`` of the block's rows of ``bins_ref``)."""
-    p, s = pl.program_id(0), pl.program_id(1)
-    blk = _load_block(p, block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
-                      perm_ref, cand_ref, 0, block_c=block_c, block_t=block_t, trash=trash,
-                      scores=scores)
-    t0, count, limit = _chunk(blk, s, splits, block_t)
-    groups = chunk_bins // block_t
+def _bound(blk: _Block, seq_ref, *, bins: int, block_c: int, block_t: int):
+    """Step 1: the maxima of the ``bins`` bins, as ``bins // block_t`` tile-shaped accumulators.
 
-    # G tile-shaped accumulators, the loop unrolled by G so that the chunk's i-th tile always
-    # lands in accumulator i mod G; tiles past the chunk are all invalid (INT32_MIN).
-    def bin_max(i, ms):
+    The loop is unrolled by G = bins // block_t so that tile ``t`` always lands in accumulator
+    ``t mod G``; tiles past the sequence are all invalid (INT32_MIN)."""
+    groups = bins // block_t
+
+    def body(i, ms):
         out = []
         for j, mj in enumerate(ms):
-            t = t0 + i * groups + j
-            _, keys, _, valid = _score_keys(blk.cand, seq_ref, blk.start, t * block_t, block_t,
-                                            limit, scale)
+            _, keys, _, valid = _tile_keys(blk, seq_ref, i * groups + j, block_t)
             out.append(jnp.maximum(mj, jnp.where(valid[None, :], keys, _INT32_MIN)))
         return tuple(out)
 
-    ms = lax.fori_loop(0, lax.div(count + groups - 1, groups), bin_max,
-                       tuple(jnp.full((block_c, block_t), _INT32_MIN, jnp.int32)
-                             for _ in range(groups)))
-    rows = (p * block_c + blk.rows)[:, None]
-    for j, mj in enumerate(ms):
-        cols = s * chunk_bins + j * block_t + jnp.arange(block_t)
-        plgpu.store(bins_ref.at[rows, cols[None, :]], mj)
+    init = tuple(jnp.full((block_c, block_t), _INT32_MIN, jnp.int32) for _ in range(groups))
+    return lax.fori_loop(0, lax.div(blk.num_tiles + groups - 1, groups), body, init)
 
 
-def _threshold_kernel(bins_ref, t_lo_ref, *, k: int, block_c: int, radix_bits: int):
-    """T_lo per row: the K-th largest of its W bin maxima (>= K tokens score >= T_lo)."""
-    p = pl.program_id(0)
-    rows = p * block_c + jnp.arange(block_c)
-    m = plgpu.load(bins_ref.at[rows[:, None], jnp.arange(bins_ref.shape[1])[None, :]])
-    t_lo, _ = _radix_kth(lambda th: _count_ge(m, m > _INT32_MIN, th), k, block_c, radix_bits,
-                         stop_bit=32 - _BOUND_BITS)
-    plgpu.store(t_lo_ref.at[rows], t_lo)
+def _threshold(ms, *, k: int, block_c: int, radix_bits: int):
+    """Step 2: T_lo per row, the K-th largest bin maximum to its top ``_BOUND_BITS`` bits."""
+    def count_ge(thresholds):
+        return _row_sums([functools.reduce(jnp.add, [((m >= th[:, None]) & (m > _INT32_MIN))
+                                                     .astype(jnp.int32) for m in ms])
+                          for th in thresholds], sum(m.shape[1] for m in ms))
+
+    t_lo, _ = _radix_kth(count_ge, k, block_c, radix_bits, stop_bit=32 - _BOUND_BITS)
+    return t_lo
 
 
-def _collect_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
-                    perm_ref, seq_ref, cand_ref, t_lo_ref, key_ref, idx_ref, count_ref, *,
-                    capacity: int, splits: int, block_c: int, block_t: int, scale: float,
-                    trash: bool, scores: str):
-    """Step 2 for chunk ``s``: its tokens with key >= T_lo, in index order, into columns
-    ``[s * capacity, (s + 1) * capacity)`` of the row's buffers; their number into
-    ``count_ref[row, s]`` (it may exceed ``capacity``: only the first ``capacity`` are stored)."""
-    p, s = pl.program_id(0), pl.program_id(1)
-    blk = _load_block(p, block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
-                      perm_ref, cand_ref, 0, block_c=block_c, block_t=block_t, trash=trash,
-                      scores=scores)
-    t0, count, limit = _chunk(blk, s, splits, block_t)
-    rows = p * block_c + blk.rows
-    t_lo = plgpu.load(t_lo_ref.at[rows])
-    base = s * capacity
+def _collect(blk: _Block, seq_ref, t_lo, key_buf, idx_buf, buf_rows, *, capacity: int,
+             block_c: int, block_t: int):
+    """Step 3: tokens with key >= T_lo, in index order, into the row's survivor buffer.
 
-    def collect(i, written):
-        _, keys, pos, valid = _score_keys(blk.cand, seq_ref, blk.start, (t0 + i) * block_t,
-                                          block_t, limit, scale)
+    A survivor's slot is the row's running count plus its rank within the tile. Both come from
+    tensor-core products of the 0/1 ``keep`` tile: with the upper-triangular ones matrix (the
+    inclusive prefix sum) and with the all-ones matrix (the row total, in every column), so the
+    loop has no cross-thread scan or reduction. Returns the per-row survivor count (which may
+    exceed ``capacity``: only the first ``capacity`` are stored)."""
+    cols = jnp.arange(block_t)
+    upper = (cols[:, None] <= cols[None, :]).astype(jnp.bfloat16)
+    ones = jnp.ones((block_t, block_t), jnp.bfloat16)
+    spare = _spare(blk, capacity, block_t)
+
+    def body(t, written):                         # written: (block_c, block_t), columns equal
+        _, keys, pos, valid = _tile_keys(blk, seq_ref, t, block_t)
         keep = valid[None, :] & (keys >= t_lo[:, None]) & blk.row_ok[:, None]
-        keep_i = keep.astype(jnp.int32)
-        slot = written[:, None] + jnp.cumsum(keep_i, axis=1) - 1
+        keep_b = keep.astype(jnp.bfloat16)
+        rank = jnp.dot(keep_b, upper, preferred_element_type=jnp.float32).astype(jnp.int32)
+        slot = written + rank - 1
         fits = keep & (slot < capacity)
-        slot = base + jnp.where(fits, slot, _spare(blk, (splits - s) * capacity, block_t))
-        plgpu.store(key_ref.at[rows[:, None], slot], keys, mask=fits)
-        plgpu.store(idx_ref.at[rows[:, None], slot],
+        slot = jnp.where(fits, slot, spare)
+        plgpu.store(key_buf.at[buf_rows[:, None], slot], keys, mask=fits)
+        plgpu.store(idx_buf.at[buf_rows[:, None], slot],
                     jnp.broadcast_to(pos[None, :], keys.shape).astype(jnp.int32), mask=fits)
-        return written + jnp.sum(keep_i, axis=1)
+        return written + jnp.dot(keep_b, ones, preferred_element_type=jnp.float32).astype(jnp.int32)
 
-    found = lax.fori_loop(0, count, collect, jnp.zeros((block_c,), jnp.int32))
-    plgpu.store(count_ref.at[rows[:, None], jnp.full((1, 1), s)], found[:, None])
+    written = lax.fori_loop(0, blk.num_tiles, body, jnp.zeros((block_c, block_t), jnp.int32))
+    return jnp.max(written, axis=1)
 
 
-def _select_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
-                   perm_ref, seq_ref, cand_ref, count_ref, key_in_ref, sidx_in_ref, idx_ref,
-                   score_ref, overflow_ref, key_ref, sidx_ref, *, k: int, capacity: int,
-                   splits: int, block_c: int, block_t: int, trash: bool, scores: str,
-                   radix_bits: int):
-    """Step 3: the chunks' survivors compacted (chunk order = index order) into the first
-    ``capacity`` columns, the exact K-th among them, the selection in index order. Flags the block
-    when a row has more survivors than ``capacity`` (its rows are then left to the fallback).
-    ``key_ref``/``sidx_ref`` alias ``key_in_ref``/``sidx_in_ref``."""
-    del seq_ref, key_in_ref, sidx_in_ref
-    p = pl.program_id(0)
-    n_out = idx_ref.shape[0] - (block_c if trash else 0)
-    blk = _load_block(p, block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
-                      perm_ref, cand_ref, n_out, block_c=block_c, block_t=block_t, trash=trash,
-                      scores=scores)
-    rows = (p * block_c + blk.rows)[:, None]
-
-    def found(s):                                   # (block_c,) survivors of chunk s
-        n = plgpu.load(count_ref.at[rows, jnp.full((1, 1), s)]).reshape(block_c)
-        return jnp.where(blk.row_ok, n, 0)
-
-    per_chunk = [found(s) for s in range(splits)]
-    total = functools.reduce(jnp.add, per_chunk)
-    overflow = jnp.max(total) > capacity
-    plgpu.store(overflow_ref.at[pl.ds(p, 1)], jnp.broadcast_to(overflow.astype(jnp.int32), (1,)))
+def _select_survivors(blk: _Block, idx_ref, score_ref, key_buf, idx_buf, buf_rows, found,
+                      overflow, *, k: int, capacity: int, block_c: int, radix_bits: int):
+    """Step 4: the exact K-th key among the survivors, and the selection in index order (nothing
+    is written for a block that overflowed: the fallback does it)."""
     cols = jnp.arange(capacity)[None, :]
-    # Compact in place: chunk s moves to columns [prefix_s, prefix_s + found_s) of chunk 0's
-    # region. Those lie past chunk 0's own survivors and outside every other region, so no move
-    # overwrites data still to be read.
-    prefix = per_chunk[0]
-    for s in range(1, splits):
-        move = (cols < per_chunk[s][:, None]) & jnp.logical_not(overflow)
-        src = s * capacity + cols
-        keys = plgpu.load(key_ref.at[rows, src], mask=move, other=0)
-        pos = plgpu.load(sidx_ref.at[rows, src], mask=move, other=0)
-        dst = jnp.where(move, prefix[:, None] + cols, _spare(blk, splits * capacity, capacity))
-        plgpu.store(key_ref.at[rows, dst], keys, mask=move)
-        plgpu.store(sidx_ref.at[rows, dst], pos, mask=move)
-        prefix = prefix + per_chunk[s]
-    _barrier(blk)                # the moved survivors, stored by all warps, are read back below
-
-    s_ok = (cols < total[:, None]) & blk.row_ok[:, None] & jnp.logical_not(overflow)
-    s_keys = plgpu.load(key_ref.at[rows, cols], mask=s_ok, other=_INT32_MIN)
-    s_idx = plgpu.load(sidx_ref.at[rows, cols], mask=s_ok, other=0)
-    kth, above = _radix_kth(lambda th: _count_ge(s_keys, s_ok, th), k, block_c, radix_bits)
+    ok = (cols < found[:, None]) & blk.row_ok[:, None] & jnp.logical_not(overflow)
+    s_keys = plgpu.load(key_buf.at[buf_rows[:, None], cols], mask=ok, other=_INT32_MIN)
+    s_idx = plgpu.load(idx_buf.at[buf_rows[:, None], cols], mask=ok, other=0)
+    kth, above = _radix_kth(lambda th: _count_ge(s_keys, ok, th), k, block_c, radix_bits)
     zeros = jnp.zeros((block_c,), jnp.int32)
-    sel, slot, written, _ = _select(s_keys, s_ok, kth, k - above, zeros, zeros)
+    sel, slot, written, _ = _select(s_keys, ok, kth, k - above, zeros, zeros)
     _store_selected(blk, idx_ref, score_ref, k, sel, slot, s_idx, _keys_to_scores(s_keys))
-    _store_padding(blk, idx_ref, score_ref, k, written, jnp.logical_not(overflow))
+    _store_padding(blk, idx_ref, score_ref, k, written,
+                   jnp.broadcast_to(jnp.logical_not(overflow), (block_c,)))
 
 
-def _fallback_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
-                     perm_ref, seq_ref, cand_ref, overflow_ref, idx_in_ref, score_in_ref, idx_ref,
-                     score_ref, *, k: int, block_c: int, block_t: int, scale: float, trash: bool,
-                     scores: str):
-    """Step 4: the radix select over the whole sequence for flagged blocks (others exit at once).
-    ``idx_ref``/``score_ref`` alias ``idx_in_ref``/``score_in_ref``: unflagged rows keep the main
-    kernel's results."""
-    del idx_in_ref, score_in_ref
-    p = pl.program_id(0)
-    n_out = idx_ref.shape[0] - (block_c if trash else 0)
-    blk = _load_block(p, block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, lengths_ref,
-                      perm_ref, cand_ref, n_out, block_c=block_c, block_t=block_t, trash=trash,
-                      scores=scores)
-    active = overflow_ref[p] > 0
+def _fallback(blk: _Block, seq_ref, idx_ref, score_ref, active, *, k: int, block_c: int,
+              block_t: int):
+    """Step 5: for a block whose survivors overflowed (``active``), the radix select over the whole
+    sequence (4-bit digits: 8 passes, every token re-scored on each), then a selection pass. Zero
+    trips otherwise."""
     tiles = jnp.where(active, blk.num_tiles, 0)
     zeros = jnp.zeros((block_c,), jnp.int32)
 
-    def tile(t):
-        return _score_keys(blk.cand, seq_ref, blk.start, t * block_t, block_t, blk.length, scale)
-
     def count_all(thresholds):
         def body(t, counts):
-            _, keys, _, valid = tile(t)
+            _, keys, _, valid = _tile_keys(blk, seq_ref, t, block_t)
             got = _count_ge(keys, valid[None, :], thresholds)
             return tuple(a + b for a, b in zip(counts, got))
         return lax.fori_loop(0, tiles, body, tuple(zeros for _ in thresholds))
 
-    kth, above = _radix_kth(count_all, k, block_c, 4)       # 4 bits: 8 passes over the tokens
+    kth, above = _radix_kth(count_all, k, block_c, 4)
 
     def select_tile(t, carry):
         written, ties = carry
-        s, keys, pos, valid = tile(t)
+        s, keys, pos, valid = _tile_keys(blk, seq_ref, t, block_t)
         sel, slot, written, ties = _select(keys, valid[None, :] & blk.row_ok[:, None], kth,
                                            k - above, written, ties)
         _store_selected(blk, idx_ref, score_ref, k, sel, slot,
@@ -509,31 +446,80 @@ def _fallback_kernel(block_req_ref, block_row_ref, block_cnt_ref, offsets_ref, l
     _store_padding(blk, idx_ref, score_ref, k, written, jnp.broadcast_to(active, (block_c,)))
 
 
+def _nn_search_kernel(block_req_ref, slots_ref, offsets_ref, lengths_ref, seq_ref, cand_ref,
+                      inv_ref, idx_ref, score_ref, key_buf, idx_buf, *, k: int, bins: int,
+                      capacity: int, block_c: int, block_t: int, trash: bool, scores: str,
+                      radix_bits: int, phases: int):
+    """One program: one block of <= ``block_c`` candidates of one request, steps 1-5 of the
+    module docstring. ``key_buf``/``idx_buf`` are the survivor buffers (scratch in global memory,
+    ``capacity`` columns per candidate row). ``phases`` < 3 stops after step 2 / 3 (profiling:
+    T_lo / the survivor counts go to ``idx_ref`` column 0 instead of the results)."""
+    p = pl.program_id(0)
+    n_out = idx_ref.shape[0] - (block_c if trash else 0)
+    blk = _load_block(p, block_req_ref, slots_ref, offsets_ref, lengths_ref, cand_ref, inv_ref,
+                      n_out, block_c=block_c, block_t=block_t, trash=trash, scores=scores)
+    ms = _bound(blk, seq_ref, bins=bins, block_c=block_c, block_t=block_t)
+    t_lo = _threshold(ms, k=k, block_c=block_c, radix_bits=radix_bits)
+    buf_rows = p * block_c + blk.rows
+    col0 = jnp.zeros((1, 1), jnp.int32)
+    if phases == 1:
+        plgpu.store(idx_ref.at[blk.out_rows, col0], t_lo[:, None], mask=blk.row_ok[:, None])
+        return
+    found = _collect(blk, seq_ref, t_lo, key_buf, idx_buf, buf_rows, capacity=capacity,
+                     block_c=block_c, block_t=block_t)
+    if phases == 2:
+        plgpu.store(idx_ref.at[blk.out_rows, col0], found[:, None], mask=blk.row_ok[:, None])
+        return
+    _barrier(blk)                # survivors stored by all warps are read back by all warps
+    overflow = jnp.max(jnp.where(blk.row_ok, found, 0)) > capacity
+    _select_survivors(blk, idx_ref, score_ref, key_buf, idx_buf, buf_rows, found, overflow, k=k,
+                      capacity=capacity, block_c=block_c, radix_bits=radix_bits)
+    _fallback(blk, seq_ref, idx_ref, score_ref, overflow, k=k, block_c=block_c, block_t=block_t)
+
+
 # -------------------------------------------------------------------------------------- wrapper
 
 
-def _block_table(cand_to_req: jax.Array, num_req: int, block_c: int, num_blocks: int):
-    """Blocks of <= block_c candidates of one request, in request order.
+_PAIRWISE_MAX_N = 8192
+"""Up to this many candidates, ranks within a request come from one pairwise-comparison reduction
+(O(N^2) work, one fused kernel); beyond it, from a sort."""
 
-    Returns (perm, block_req, block_row, block_cnt): ``perm`` lists candidate ids grouped by request
-    (stable); block ``b`` covers ``perm[block_row[b] : block_row[b] + block_cnt[b]]``, all of request
-    ``block_req[b]``; surplus blocks have ``block_cnt == 0``.
+
+def _block_slots(cand_to_req: jax.Array, num_req: int, block_c: int, num_blocks: int):
+    """Blocks of <= block_c candidates of one request (paper's request-level de-duplication: a
+    block shares one sequence).
+
+    Request ``r`` owns blocks ``[B_r, B_r + ceil(count_r / block_c))`` with ``B_r`` the blocks of
+    the requests before it; its i-th candidate (in input order) goes to slot
+    ``B_r * block_c + i``. Returns (slots, block_req): ``slots`` (num_blocks * block_c,) the
+    candidate in each slot or -1, ``block_req`` (num_blocks,) each block's request (the last
+    request, which the caller keeps empty, for surplus blocks).
     """
-    perm = jnp.argsort(cand_to_req, stable=True).astype(jnp.int32)
+    n = cand_to_req.shape[0]
+    ids = jnp.arange(n, dtype=jnp.int32)
     counts = jnp.bincount(cand_to_req, length=num_req).astype(jnp.int32)
-    first = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts)[:-1].astype(jnp.int32)])
-    blocks_per_req = (counts + block_c - 1) // block_c
-    block_end = jnp.cumsum(blocks_per_req)
-    b = jnp.arange(num_blocks, dtype=jnp.int32)
-    # "compare_all": one fused elementwise kernel. The default "scan" method is a loop, and an
-    # XLA GPU while loop syncs with the host on every trip (measured: ~0.1 ms per call, H100).
-    req = jnp.searchsorted(block_end, b, side="right", method="compare_all").astype(jnp.int32)
-    live = req < num_req
-    req_c = jnp.minimum(req, num_req - 1)
-    j = b - (block_end[req_c] - blocks_per_req[req_c])             # block number within the request
-    row = first[req_c] + j * block_c
-    cnt = jnp.clip(counts[req_c] - j * block_c, 0, block_c)
-    return perm, jnp.where(live, req_c, 0), jnp.where(live, row, 0), jnp.where(live, cnt, 0)
+    if n <= _PAIRWISE_MAX_N:
+        earlier = (cand_to_req[None, :] == cand_to_req[:, None]) & (ids[None, :] < ids[:, None])
+        rank = jnp.sum(earlier.astype(jnp.int32), axis=1)
+    else:
+        order = jnp.argsort(cand_to_req, stable=True).astype(jnp.int32)
+        position = jnp.zeros((n,), jnp.int32).at[order].set(ids)
+        first = jnp.cumsum(counts) - counts
+        rank = position - first[cand_to_req]
+    blocks = (counts + block_c - 1) // block_c
+    block0 = jnp.cumsum(blocks) - blocks
+    slot = block0[cand_to_req] * block_c + rank
+    slots = jnp.full((num_blocks * block_c,), -1, jnp.int32).at[slot].set(ids)
+    head = slots[::block_c]
+    block_req = jnp.where(head >= 0, cand_to_req[jnp.maximum(head, 0)], num_req - 1)
+    return slots, block_req.astype(jnp.int32)
+
+
+def _inverse_norms(seq_q: jax.Array) -> jax.Array:
+    """1 / |q| per token of int8 codes q (0 for an all-zero token), float32."""
+    q = seq_q.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(q * q, axis=1))
+    return jnp.where(norm > 0, 1.0 / jnp.maximum(norm, 1.0), 0.0)
 
 
 def _validate(seq_q, offsets, lengths, cand, cand_to_req, k: int) -> None:
@@ -558,6 +544,7 @@ def _search(seq_q, offsets, lengths, cand, cand_to_req, *, k: int, scale: float,
             config: NNSearchConfig, interpret: bool, phases: int = 3):
     """The jitted body of :func:`nn_search_jagged`; ``phases`` < 3 stops the main kernel early
     (profiling only: its outputs are then not the search results)."""
+    del scale                   # cancels in the cosine (kept for the reference's signature)
     bins, capacity = config.resolve(k)
     block_c, block_t = config.block_c, config.block_t
     n = cand.shape[0]
@@ -574,55 +561,28 @@ def _search(seq_q, offsets, lengths, cand, cand_to_req, *, k: int, scale: float,
     c2r = jnp.where((c2r >= 0) & (c2r < num_req), c2r, num_req)
     num_req += 1
     num_blocks = -(-n // block_c) + num_req
-    perm, block_req, block_row, block_cnt = _block_table(c2r, num_req, block_c, num_blocks)
+    slots, block_req = _block_slots(c2r, num_req, block_c, num_blocks)
     trash = bool(interpret)
     if trash:
         # Compiled, masked tile loads past the end touch no memory. Interpret mode slices the refs
         # for real: give it spare rows (never selected: they are past every length).
         seq_q = jnp.pad(seq_q, ((0, bins), (0, 0)))
-        perm = jnp.pad(perm, (0, block_c))
-    splits = config.splits
-    k_pad = next_pow2(k)
-    rows = num_blocks * block_c
-    out_shape = (n + (block_c if trash else 0), k + (max(block_t, k_pad, capacity) if trash else 0))
-    buf_shape = (rows, splits * capacity + (max(block_t, capacity) if trash else 0))
-    tables = (block_req, block_row, block_cnt, offsets, lengths, perm, seq_q, cand)
-    common = dict(block_c=block_c, block_t=block_t, trash=trash, scores=config.scores)
-
-    def call(kernel, grid, out, name, aliases=None, **kw):
-        return pl.pallas_call(
-            functools.partial(kernel, **kw), grid=grid, out_shape=out,
-            input_output_aliases=aliases or {}, interpret=interpret, name=name,
-            compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
-                                                 num_stages=config.num_stages))
-
-    def i32(shape):
-        return jax.ShapeDtypeStruct(shape, jnp.int32)
-
-    out = (i32(out_shape), jax.ShapeDtypeStruct(out_shape, jnp.float32))
-    bins_max = call(_bound_kernel, (num_blocks, splits), i32((rows, bins)), "nn_search_bound",
-                    chunk_bins=bins // splits, splits=splits, scale=scale, **common)(*tables)
-    t_lo = call(_threshold_kernel, (num_blocks,), i32((rows,)), "nn_search_threshold", k=k,
-                block_c=block_c, radix_bits=config.radix_bits)(bins_max)
-    if phases == 1:          # profiling only
-        return t_lo, bins_max
-    keys, sidx, found = call(_collect_kernel, (num_blocks, splits),
-                             (i32(buf_shape), i32(buf_shape), i32((rows, splits))),
-                             "nn_search_collect", capacity=capacity, splits=splits, scale=scale,
-                             **common)(*tables, t_lo)
-    if phases == 2:          # profiling only
-        return found, keys
-    # the select kernel compacts the survivors in place: their buffers are aliased outputs
-    n_in = len(tables)
-    idx, scores, overflow, _, _ = call(
-        _select_kernel, (num_blocks,), out + (i32((num_blocks,)), i32(buf_shape), i32(buf_shape)),
-        "nn_search_select", aliases={n_in + 1: 3, n_in + 2: 4}, k=k, capacity=capacity,
-        splits=splits, radix_bits=config.radix_bits, **common)(*tables, found, keys, sidx)
-    # Always launched: unflagged blocks exit at once, which is cheaper than a ``lax.cond`` (XLA
-    # reads a conditional's predicate on the host: a device-to-host sync per call).
-    idx, scores = call(_fallback_kernel, (num_blocks,), out, "nn_search_fallback",
-                       aliases={n_in + 1: 0, n_in + 2: 1}, k=k, scale=scale,
-                       **common)(*tables, overflow, idx, scores)
+    out_rows = n + (block_c if trash else 0)
+    out_cols = k + (max(block_t, next_pow2(k), capacity) if trash else 0)
+    buf_shape = (num_blocks * block_c, capacity + (max(block_t, capacity) if trash else 0))
+    kernel = functools.partial(
+        _nn_search_kernel, k=k, bins=bins, capacity=capacity, block_c=block_c, block_t=block_t,
+        trash=trash, scores=config.scores, radix_bits=config.radix_bits,
+        phases=phases)
+    idx, scores, _, _ = pl.pallas_call(
+        kernel, grid=(num_blocks,), interpret=interpret, name="nn_search",
+        out_shape=(jax.ShapeDtypeStruct((out_rows, out_cols), jnp.int32),
+                   jax.ShapeDtypeStruct((out_rows, out_cols), jnp.float32),
+                   jax.ShapeDtypeStruct(buf_shape, jnp.int32),
+                   jax.ShapeDtypeStruct(buf_shape, jnp.int32)),
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                             num_stages=config.num_stages),
+    )(block_req, slots, offsets, lengths, seq_q, cand, _inverse_norms(seq_q))
     return idx[:n, :k], scores[:n, :k]
 
 

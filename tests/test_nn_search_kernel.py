@@ -40,9 +40,9 @@ def random_case(seed: int, lengths, n: int, d: int = 32, dup: bool = True):
 
 
 # the default (tensor-core scores, 1-bit radix, one chunk) and a variant with every other code path:
-# float32 FMA scores, 2-bit radix digits, the sequence split into 4 chunks, a wider block
+# float32 FMA scores, 2-bit radix digits, more bins and survivors, a wider block
 CONFIGS = [NNSearchConfig(),
-           NNSearchConfig(block_c=32, block_t=32, bins=512, survivors=512, splits=4, radix_bits=2,
+           NNSearchConfig(block_c=32, block_t=32, bins=512, survivors=512, radix_bits=2,
                           scores="fma")]
 
 
@@ -79,10 +79,11 @@ def test_survivor_buffer_overflow_takes_the_exact_fallback():
         assert np.asarray(idx)[2].tolist() == list(range(k))
     # the main kernels really did overflow (so the results above came from the fallback kernel)
     u, length, d = seq.shape
-    found, _ = _search(jnp.asarray(seq.reshape(u * length, d)), jnp.arange(u, dtype=jnp.int32) * length,
+    idx, _ = _search(jnp.asarray(seq.reshape(u * length, d)), jnp.arange(u, dtype=jnp.int32) * length,
                        jnp.asarray(lengths), jnp.asarray(cand), jnp.asarray(c2r), k=10, scale=QUANT_SCALE,
                        config=config, interpret=True, phases=2)
-    assert np.asarray(found).sum(axis=1).max() > 64
+    found = np.asarray(idx)[:, 0]          # phases=2: the survivor count of each row in column 0
+    assert found.max() > 64
 
 
 def test_jagged_layout_equals_dense_and_candidate_order_does_not_matter():
@@ -97,6 +98,27 @@ def test_jagged_layout_equals_dense_and_candidate_order_does_not_matter():
     shuffled = nn_search(seq, lengths, cand[perm], c2r[perm], k=20)
     for a, b in zip(dense, shuffled):
         np.testing.assert_array_equal(np.asarray(a)[perm], np.asarray(b))
+
+
+def test_sort_path_of_the_block_table_equals_the_pairwise_path(monkeypatch):
+    """Ranks within a request come from a pairwise reduction up to ``_PAIRWISE_MAX_N`` candidates
+    and from a sort beyond it: both give the same blocks and results."""
+    import pallas_kernels.nn_search as nn_mod
+    seq, lengths, cand, c2r = random_case(13, [40, 0, 70, 33], 53)
+    pairwise = nn_mod._block_slots(jnp.asarray(c2r), 5, 16, 4 + 5)
+    dense = nn_search(seq, lengths, cand, c2r, k=9)
+    monkeypatch.setattr(nn_mod, "_PAIRWISE_MAX_N", 0)
+    sorted_ = nn_mod._block_slots(jnp.asarray(c2r), 5, 16, 4 + 5)
+    for a, b in zip(pairwise, sorted_):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    slots = np.asarray(pairwise[0])
+    assert sorted(slots[slots >= 0].tolist()) == list(range(53))      # every candidate once
+    u, length, d = seq.shape           # not jitted, so the patched constant takes effect
+    via_sort = _search(jnp.asarray(seq.reshape(u * length, d)), jnp.arange(u, dtype=jnp.int32) * length,
+                       jnp.asarray(lengths), jnp.asarray(cand), jnp.asarray(c2r), k=9, scale=QUANT_SCALE,
+                       config=NNSearchConfig(), interpret=True)
+    for a, b in zip(dense, via_sort):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_padding_never_selected_even_when_padding_scores_best():
@@ -135,7 +157,7 @@ def test_no_candidates_and_bad_inputs():
     with pytest.raises(ValueError, match="scores"):
         NNSearchConfig(scores="tf32")
     with pytest.raises(ValueError, match="bins"):
-        NNSearchConfig(splits=4, bins=128)             # fewer than splits * block_t
+        NNSearchConfig(block_t=128, bins=64)           # fewer than block_t
     with pytest.raises(ValueError, match="bins"):
         nn_search(seq, lengths, cand, c2r, k=MAX_K, config=NNSearchConfig(bins=64))
 
