@@ -22,8 +22,8 @@ report and sm_86 compile).
 
     python bench/nn_search.py            # full sweep (GPU machine, ~4 min)
     python bench/nn_search.py --quick    # L = 10k, 256 candidates per request only
-    python bench/nn_search.py --quick --profile   # + the kernels stopped after the bound /
-                                                  # collect stages, and the forced fallback
+    python bench/nn_search.py --quick --profile   # + the kernel stopped after the bound /
+                                                  # collect steps, and the forced fallback
     python bench/nn_search.py --quick --tune      # + other tilings
 
 Writes ``bench/results/nn_search.json``, ``nn_search.png`` and ``nn_search.md``.
@@ -50,7 +50,7 @@ from jax import lax  # noqa: E402
 import _smem  # noqa: E402
 from _env import RESULTS, environment, time_device_calls  # noqa: E402
 from pallas_kernels.int8_codec import QUANT_SCALE, dequantize_int8, l2_normalize  # noqa: E402
-from pallas_kernels.nn_search import NNSearchConfig, _search, nn_search_jagged  # noqa: E402
+from pallas_kernels.nn_search import MAX_K, NNSearchConfig, _search, nn_search_jagged  # noqa: E402
 from pallas_kernels.nn_search_reference import masked_top_k  # noqa: E402
 
 A10G_SMEM_BYTES = 101_376
@@ -58,7 +58,7 @@ D, K, N_TOTAL = 32, 96, 4096
 LENGTHS = (1024, 4096, 10_000, 16_384)
 CANDS = (64, 256, 1024)
 CALLS = 10
-PASSES = 2   # bound + collect passes of the main kernel (the fallback adds 9 when it runs)
+PASSES = 2   # bound + collect passes of the kernel (the fallback adds 9 when it runs)
 
 
 def time_jax(fn, args, repeats: int) -> dict:
@@ -88,7 +88,7 @@ def dedup_pipeline(precision):
 
 
 def kernel_pipeline(config: NNSearchConfig, phases: int = 3):
-    """The kernel (``phases`` < 3: the main kernel stopped after the bound / the collect pass,
+    """The kernel (``phases`` < 3: the kernel stopped after the bound / the collect pass,
     for profiling; those outputs are not search results)."""
     if phases == 3:
         @jax.jit
@@ -100,7 +100,7 @@ def kernel_pipeline(config: NNSearchConfig, phases: int = 3):
 
 
 def variant_name(v: NNSearchConfig) -> str:
-    return (f"kernel_c{v.block_c}_t{v.block_t}_w{v.num_warps}_s{v.num_stages}_x{v.splits}"
+    return (f"kernel_c{v.block_c}_t{v.block_t}_w{v.num_warps}_s{v.num_stages}"
             f"_r{v.radix_bits}_{v.scores}_b{v.bins}_v{v.survivors}")
 
 
@@ -119,7 +119,8 @@ def run_shape(length: int, cpr: int, repeats: int, config: NNSearchConfig, varia
     row = {"L": length, "cands_per_request": cpr, "requests": u, "candidates": n, "k": K,
            "flop_floor": 2.0 * n * length * D,
            "hbm_floor_bytes": float(u * length * D + n * D * 4 + n * K * 8),
-           "kernel_onchip_reread_bytes": float(PASSES * (n // config.block_c) * length * D),
+           # int8 codes + float32 1/|q| per token, per pass and block (from L2 after the first)
+           "kernel_onchip_reread_bytes": float(PASSES * (n // config.block_c) * length * (D + 4)),
            "h2d_sequence_bytes_broadcast": float(n * length * D),
            "h2d_sequence_bytes_dedup": float(u * length * D + 2 * u * 4),
            "impls": {}}
@@ -229,18 +230,28 @@ def main() -> None:
     # nn_search docstring), then other tilings
     base = NNSearchConfig()
     variants = [dataclasses.replace(base, **kw) for kw in
-                ({"scores": "fma"}, {"radix_bits": 4}, {"radix_bits": 2}, {"splits": 8},
-                 {"block_t": 32}, {"num_warps": 8}, {"block_c": 32})] if args.tune else []
+                ({"scores": "fma"}, {"radix_bits": 4}, {"radix_bits": 2}, {"num_stages": 1},
+                 {"block_t": 64}, {"num_warps": 8}, {"block_c": 32})] if args.tune else []
     rows = [run_shape(L, c, args.repeats, config, variants, (1, 2) if args.profile else ())
             for L, c in shapes]
     result["rows"] = rows
-    # shared memory of the shipped configuration
+    # shared memory of the shipped configurations at K = MAX_K (bins and survivor buffer are
+    # sized by next_pow2(K): every K in 65..128 compiles to the same buffers, smaller K to smaller)
     seq = jnp.zeros((64, D), jnp.int8)
-    fn = jax.jit(lambda s, o, ln, c, r: nn_search_jagged(s, o, ln, c, r, k=K, config=config))
     args_ = (seq, jnp.zeros((1,), jnp.int32), jnp.full((1,), 64, jnp.int32), jnp.ones((16, D)),
              jnp.zeros((16,), jnp.int32))
-    smem = _smem.measure(lambda: fn.lower(*args_).compile(), config.num_warps, config.num_stages)
-    result["shared_memory"] = {"config": config.__dict__, **smem}
+    smem_rows = []
+    for cfg in (config, dataclasses.replace(config, scores="fma")):
+        fn = jax.jit(lambda s, o, ln, c, r, cfg=cfg: nn_search_jagged(s, o, ln, c, r, k=MAX_K,
+                                                                      config=cfg))
+        smem_rows.append({"config": cfg.__dict__, "k": MAX_K,
+                          **_smem.measure(lambda: fn.lower(*args_).compile(), cfg.num_warps,
+                                          cfg.num_stages)})
+    sm86 = [r.get("sm86", {}).get("shared_bytes") for r in smem_rows]
+    sm90 = [r.get("sm90_shared_bytes") for r in smem_rows]
+    smem = {"sm86": {"shared_bytes": None if None in sm86 else max(sm86)},
+            "sm90_shared_bytes": None if None in sm90 else max(sm90)}
+    result["shared_memory"] = {"per_config": smem_rows, **smem}
     head = next(r for r in rows if r["L"] == 10_000 and r["cands_per_request"] == 256)
     result["headline"] = {
         "device": env.get("device"),

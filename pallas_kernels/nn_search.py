@@ -1,81 +1,80 @@
-"""Fused, broadcast-free int8 NN search in Pallas (Triton backend) kernels (paper §3.4.2).
+"""Fused, broadcast-free int8 NN search in one Pallas (Triton backend) kernel (paper §3.4.2).
 
 Computes exactly :func:`pallas_kernels.nn_search_reference.nn_search_reference` (SPEC §2): for every
 candidate, the K tokens of its request's sequence with the highest cosine score, ties to the lower
 index, padding never selected, returned in chronological order with ``-1`` / ``-inf`` padding.
 
 Inputs are de-duplicated: one copy of each request's int8 sequence (jagged, ``offsets``) and a
-candidate -> request index, so no sequence is ever broadcast per candidate. The kernels read the
+candidate -> request index, so no sequence is ever broadcast per candidate. The kernel reads the
 int8 codes directly; dequantization, L2 normalization and scoring happen in registers, and neither
 the dequantized sequence nor the candidates x L score matrix is written to memory.
 
 Work decomposition
 ------------------
-Candidates are grouped by request (a stable argsort of ``cand_to_req``) into blocks of
-``block_c`` rows that all belong to one request (the grid has the static upper bound
-``ceil(N / block_c) + U`` blocks; surplus programs find an empty block and exit at once). The
-token passes walk the request's tokens in tiles of ``block_t``; the trip count is the request's own
-length, so short sequences cost little. ``NNSearchConfig.splits`` > 1 splits the tiles into chunks
-handled by separate programs (more parallelism; measured slower on an H100 at L = 10k, so the
-default is one chunk).
+Candidates are grouped by request into blocks of ``block_c`` rows that all belong to one request
+(``_block_slots``: request r owns ``ceil(count_r / block_c)`` consecutive blocks; a candidate's
+slot is its request's first block times ``block_c`` plus its rank among the request's candidates,
+from one pairwise-comparison reduction up to ``_PAIRWISE_MAX_N`` candidates and from a sort above).
+The grid has the static upper bound ``ceil(N / block_c) + U`` programs; surplus programs find an
+empty block and exit at once. Each program walks its request's tokens in tiles of ``block_t``; the
+trip count is the request's own length, so short sequences cost little.
 
 Scores
 ------
 The cosine of a token with int8 codes q is ``(c . q) / |q|`` for the normalized candidate c: the
-int8 scale cancels and ``|q|^2`` is an exact integer sum. By default the dot products run on tensor
-cores: c is split into three bfloat16 pieces (24 mantissa bits between them), int8 codes are exact
-in bfloat16 and bfloat16 products are exact in float32, so the score is float32-accurate; only the
-accumulation order differs from a float32 FMA loop (``scores="fma"``, also shipped). A token's
-score comes from the same instructions in every pass and position, so duplicate tokens tie exactly
-and a bound computed in one pass is exact in the next.
+int8 scale cancels and ``|q|^2`` is an exact integer sum (``1 / |q|`` per token is a (T,) float32
+table computed once per call by XLA, 4 bytes next to the token's 32). By default the dot products
+run on tensor cores: c is split into three bfloat16 pieces (24 mantissa bits between them), int8
+codes are exact in bfloat16 and bfloat16 products are exact in float32, so the score is
+float32-accurate; only the accumulation order differs from a float32 FMA loop (``scores="fma"``,
+also shipped). A token's score comes from the same instructions in every pass and position, so
+duplicate tokens tie exactly and a bound computed in one pass is exact in the next.
 
 In-kernel top-K without sort (Triton has no sort / top_k lowering)
 -----------------------------------------------------------------
 Scores are mapped to int32 keys whose signed order is the float order (``bits`` for s >= 0,
 ``bits ^ 0x7fffffff`` for s < 0; -0.0 is first turned into +0.0), so "top K by score, ties to the
-lower index" is "top K by (key, -index)". Per candidate row, four kernels:
+lower index" is "top K by (key, -index)". One program per block runs five steps:
 
-1. **Bound** (``nn_search_bound``, one pass over the tokens). Token ``i`` of tile ``t`` falls in
-   bin ``(t mod G) * block_t + (i mod block_t)`` of ``W = G * block_t >= K`` bins (W = 2K by
-   default). The per-bin running maximum is an elementwise ``max`` into G tile-shaped
-   accumulators: no cross-thread reduction inside the loop.
-2. **Threshold** (``nn_search_threshold``). ``T_lo`` = the K-th largest bin maximum, resolved by
-   radix select (below) to its top 16 key bits only (a lower bound within ~1% of it, at half the
-   cost). K distinct tokens score ``>= T_lo``; on random data ~1.2 K tokens do.
-3. **Collect** (``nn_search_collect``, one pass). Tokens with ``key >= T_lo`` are appended, in
-   index order, to a small per-row buffer in global memory (``survivors`` entries of key and index;
-   it stays in L1/L2); slots come from a running count plus a prefix sum (``cumsum``) within the
-   tile, written with a masked scatter store.
-4. **Select** (``nn_search_select``, registers). The exact K-th largest key T* among the survivors
-   is found by **radix select**: from the top, one digit of ``radix_bits`` bits at a time, count
-   the keys ``>= prefix + d * 2**shift`` for each digit d and extend the prefix by the largest digit
-   whose count is still >= K (one bit per step: 32 counts in all, each a cross-thread reduction;
-   4-bit digits need 120). The count above the chosen digit gives #(key > T*). The output is
+1. **Bound** (one pass over the tokens). Token ``i`` of tile ``t`` falls in bin
+   ``(t mod G) * block_t + (i mod block_t)`` of ``W = G * block_t >= K`` bins (W = 2K by default).
+   The per-bin running maximum is an elementwise ``max`` into G tile-shaped accumulators (kept in
+   registers): no cross-thread reduction inside the loop.
+2. **Threshold**. ``T_lo`` = the K-th largest bin maximum, resolved by radix select (below) to its
+   top 16 key bits only (a lower bound within ~1% of it, at half the cost). K distinct tokens score
+   ``>= T_lo``; on random data ~1.2 K tokens do (measured: 121 on average at L = 10k, K = 96).
+3. **Collect** (second pass). Tokens with ``key >= T_lo`` are appended, in index order, to a small
+   per-row buffer in global memory (``survivors`` entries of key and index; it stays in L1/L2) with
+   a masked scatter store. A survivor's slot is the row's running count plus its rank in the tile,
+   both from tensor-core products of the 0/1 "keep" tile (with the upper-triangular and the
+   all-ones matrix), so the loop has no cross-thread scan or reduction.
+4. **Select** (registers). The exact K-th largest key T* among the survivors is found by **radix
+   select**: from the top, one digit of ``radix_bits`` bits at a time, count the keys
+   ``>= prefix + d * 2**shift`` for each digit d and extend the prefix by the largest digit whose
+   count is still >= K (one bit per step: 32 counts; several counts share one reduction, packed
+   into the bits of an int32). The count above the chosen digit gives #(key > T*). The output is
    ``key > T*`` plus the first ``K - #(key > T*)`` survivors with ``key == T*`` (they are in index
    order, so exact ties go to the lower index, as in ``lax.top_k``), each written to slot "running
    count + prefix sum": chronological order falls out of the scan order, no sort needed. Slots past
    the number of selected tokens get ``-1`` / ``-inf``.
-5. **Fallback** (``nn_search_fallback``). The select kernel flags a block if one of its rows has
-   more survivors than the buffer holds (many equal or near-equal scores: a zero candidate, one
-   token repeated hundreds of times). The fallback kernel runs the radix select (4-bit digits: 8
-   passes) over the whole sequence of flagged blocks, re-scoring every token on each pass, then a
-   selection pass, and overwrites those rows in place (aliased outputs). Exact, several times
-   slower, rare. It is always launched; unflagged blocks exit at once (cheaper than a
-   ``lax.cond``, whose predicate XLA reads on the host).
+5. **Fallback**. If a row of the block has more survivors than the buffer holds (many equal or
+   near-equal scores: a zero candidate, one token repeated hundreds of times), the block instead
+   runs the radix select (4-bit digits: 8 passes) over the whole sequence, re-scoring every token
+   on each pass, then a selection pass. Exact, several times slower (measured: 2.8 ms instead of
+   0.4 ms at the benchmark's headline shape when every block takes it), rare. Blocks that do not
+   overflow run it with zero trips: no branch reads anything back to the host.
 
 A row with fewer than K valid tokens never finds a digit (every count < K), keeps T* = INT32_MIN,
 which no valid key equals, and selects all its valid tokens.
 
-Global-memory traffic per block: its request's int8 sequence twice (32 B per token per pass, from
-L2 for all but the first block of a request), the bins, the survivor buffer and the outputs; never a
-score matrix.
+Global-memory traffic per block: its request's int8 sequence and inverse norms twice (36 B per
+token per pass, from L2 for all but the first block of a request), the survivor buffer and the
+outputs; never a score matrix.
 
 Numerics and the near-tie band: against the float64 brute force, selections agree except between
 tokens whose scores are within float32 rounding (~1e-6) of the K-th score.
 
-Measured (H100, jax 0.11.2, ``python bench/nn_search.py``): 0.57 ms at L_LL = 10k, 256 candidates
-per request, 4096 candidates, K = 96; 6.3x the best de-duplicated XLA pipeline and 7.3x the
-broadcast one (``bench/results/nn_search.{json,md,png}``).
+Measured (H100, jax 0.11.2): ``python bench/nn_search.py`` in ``bench/results/nn_search.{json,md,png}``.
 """
 from __future__ import annotations
 
@@ -100,11 +99,14 @@ _BOUND_BITS = 16
 maximum at half the cost of an exact one."""
 _INT32_MIN = -(2 ** 31)
 _NORM_EPS = 1e-12
+_COLLECT_UNROLL = 2
+"""Tiles per trip of the collect loop (two independent tiles in flight: measured 387 vs 401 us at
+the benchmark's headline shape on an H100)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class NNSearchConfig:
-    """Tiling of the NN-search kernels.
+    """Tiling of the NN-search kernel.
 
     Attributes:
       block_c: candidates per program, all from one request (power of two, >= 16).
@@ -112,19 +114,20 @@ class NNSearchConfig:
       num_warps: warps per program (Triton).
       num_stages: software-pipelining stages of the token loops (Triton).
       radix_bits: bits per radix-select digit over bins and survivors (1, 2 or 4; each digit
-        costs ``2**bits - 1`` cross-thread counts, one bit per step the fewest in all).
+        costs ``2**bits - 1`` counts, packed into fewer cross-thread reductions; one bit per
+        step measured fastest on an H100).
       scores: how tiles are scored: ``"bf16x3"`` on tensor cores (the candidate split into three
         bfloat16 pieces; int8 codes are exact in bfloat16) or ``"fma"`` (float32 FMA).
       bins: W, the bins of the step-1 bound (0: ``max(2 * next_pow2(K), block_t)``); a power of
         two >= ``block_t`` and >= K (fewer bins than K bound nothing).
       survivors: capacity of the per-row survivor buffer (0: ``max(2 * next_pow2(K), 64)``; else a
-        power of two >= 16). A block with a row over it is redone by the exact fallback kernel.
+        power of two >= 16). A block with a row over it takes the exact fallback (step 5).
     """
 
     block_c: int = 16
     block_t: int = 128
     num_warps: int = 4
-    num_stages: int = 1
+    num_stages: int = 2
     radix_bits: int = 1
     scores: Literal["bf16x3", "fma"] = "bf16x3"
     bins: int = 0
@@ -174,10 +177,9 @@ def _score_keys(cand, seq_ref, inv_ref, start, t0, block_t: int, length):
     """Scores (block_c, block_t) of the candidates against tokens ``[t0, t0 + block_t)`` of the
     sequence starting at row ``start`` of ``seq_ref``, and their order-preserving int32 keys.
 
-    ``cand`` is the L2-normalized candidates: float32 (IEEE float32 FMA products), the three
-    bfloat16 pieces of :func:`_split_bf16` or the int8 pieces of :func:`_split_int8` (tensor
-    cores). The cosine of a token with codes q is ``(c . q) / |q|``: the int8 scale cancels, and
-    ``|q|^2`` is an exact integer sum (``inv_ref`` holds ``1 / |q|`` per token when given). int8
+    ``cand`` is the L2-normalized candidates: float32 (IEEE float32 FMA products) or the three
+    bfloat16 pieces of :func:`_split_bf16` (tensor cores). The cosine of a token with codes q is
+    ``(c . q) / |q|`` (``inv_ref`` holds ``1 / |q|`` per token: :func:`_inverse_norms`). int8
     codes are exact in bfloat16 and a product of two bfloat16 numbers is exact in float32, so the
     three-piece bfloat16 score differs from the float32 one only in float32 accumulation order.
     """
@@ -383,7 +385,7 @@ def _collect(blk: _Block, seq_ref, t_lo, key_buf, idx_buf, buf_rows, *, capacity
     ones = jnp.ones((block_t, block_t), jnp.bfloat16)
     spare = _spare(blk, capacity, block_t)
 
-    def body(t, written):                         # written: (block_c, block_t), columns equal
+    def step(t, written):                         # written: (block_c, block_t), columns equal
         _, keys, pos, valid = _tile_keys(blk, seq_ref, t, block_t)
         keep = valid[None, :] & (keys >= t_lo[:, None]) & blk.row_ok[:, None]
         keep_b = keep.astype(jnp.bfloat16)
@@ -396,7 +398,13 @@ def _collect(blk: _Block, seq_ref, t_lo, key_buf, idx_buf, buf_rows, *, capacity
                     jnp.broadcast_to(pos[None, :], keys.shape).astype(jnp.int32), mask=fits)
         return written + jnp.dot(keep_b, ones, preferred_element_type=jnp.float32).astype(jnp.int32)
 
-    written = lax.fori_loop(0, blk.num_tiles, body, jnp.zeros((block_c, block_t), jnp.int32))
+    def body(i, written):     # unrolled: independent tiles in flight (tiles past the end keep none)
+        for j in range(_COLLECT_UNROLL):
+            written = step(i * _COLLECT_UNROLL + j, written)
+        return written
+
+    trips = lax.div(blk.num_tiles + _COLLECT_UNROLL - 1, _COLLECT_UNROLL)
+    written = lax.fori_loop(0, trips, body, jnp.zeros((block_c, block_t), jnp.int32))
     return jnp.max(written, axis=1)
 
 

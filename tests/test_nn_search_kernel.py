@@ -209,8 +209,8 @@ def test_device_s_all_equals_logged_features(impl):
 @pytest.mark.parametrize("lengths", [[0, 1, 5, 97, 300, 129, 64], [16384, 3000, 10000]],
                          ids=["short", "long"])
 def test_gpu_matches_brute_force(lengths, k):
-    """The shipped default at every K; the all-other-paths config (slow to compile: 4 chunks,
-    2-bit radix, FMA scores) once per length set, at K = 96."""
+    """The shipped default at every K; the all-other-paths config (wider block, 2-bit radix,
+    FMA scores, more bins and survivors) once per length set, at K = 96."""
     seq, lens, cand, c2r = random_case(k + len(lengths), lengths, 200 if max(lengths) < 1000 else 40)
     for config in CONFIGS if k == 96 else CONFIGS[:1]:
         idx, scores = nn_search(seq, lens, cand, c2r, k=k, config=config, interpret=False)
