@@ -101,7 +101,7 @@ def kernel_pipeline(config: NNSearchConfig, phases: int = 3):
 
 def variant_name(v: NNSearchConfig) -> str:
     return (f"kernel_c{v.block_c}_t{v.block_t}_w{v.num_warps}_s{v.num_stages}"
-            f"_r{v.radix_bits}_{v.scores}_b{v.bins}_v{v.survivors}")
+            f"_r{v.radix_bits}_{v.scores}_b{v.bins}_v{v.survivors}_u{v.unroll}")
 
 
 def run_shape(length: int, cpr: int, repeats: int, config: NNSearchConfig, variants=(),
@@ -229,9 +229,9 @@ def main() -> None:
     # --tune: the design choices one at a time against the default (the ablation in the
     # nn_search docstring), then other tilings
     base = NNSearchConfig()
-    variants = [dataclasses.replace(base, **kw) for kw in
-                ({"scores": "fma"}, {"radix_bits": 4}, {"radix_bits": 2}, {"num_stages": 1},
-                 {"block_t": 64}, {"num_warps": 8}, {"block_c": 32})] if args.tune else []
+    knobs = ({"scores": "fma"}, {"radix_bits": 2}, {"radix_bits": 4}, {"unroll": 1},
+             {"num_stages": 1}, {"block_t": 64}, {"bins": 512}, {"num_warps": 8})
+    variants = [dataclasses.replace(base, **kw) for kw in knobs] if args.tune else []
     rows = [run_shape(L, c, args.repeats, config, variants, (1, 2) if args.profile else ())
             for L, c in shapes]
     result["rows"] = rows

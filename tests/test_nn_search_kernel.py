@@ -40,10 +40,10 @@ def random_case(seed: int, lengths, n: int, d: int = 32, dup: bool = True):
 
 
 # the default (tensor-core scores, 1-bit radix, one chunk) and a variant with every other code path:
-# float32 FMA scores, 2-bit radix digits, more bins and survivors, a wider block
+# float32 FMA scores, 2-bit radix digits, more bins and survivors, a wider block, no unrolling
 CONFIGS = [NNSearchConfig(),
            NNSearchConfig(block_c=32, block_t=32, bins=512, survivors=512, radix_bits=2,
-                          scores="fma")]
+                          scores="fma", unroll=1, num_stages=1)]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=["default", "wide"])
@@ -156,6 +156,8 @@ def test_no_candidates_and_bad_inputs():
         NNSearchConfig(radix_bits=3)
     with pytest.raises(ValueError, match="scores"):
         NNSearchConfig(scores="tf32")
+    with pytest.raises(ValueError, match="unroll"):
+        NNSearchConfig(unroll=0)
     with pytest.raises(ValueError, match="bins"):
         NNSearchConfig(block_t=128, bins=64)           # fewer than block_t
     with pytest.raises(ValueError, match="bins"):
