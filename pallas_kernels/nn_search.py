@@ -60,8 +60,8 @@ lower index" is "top K by (key, -index)". One program per block runs five steps:
 5. **Fallback**. If a row of the block has more survivors than the buffer holds (many equal or
    near-equal scores: a zero candidate, one token repeated hundreds of times), the block instead
    runs the radix select (4-bit digits: 8 passes) over the whole sequence, re-scoring every token
-   on each pass, then a selection pass. Exact, several times slower (measured: 2.8 ms instead of
-   0.4 ms at the benchmark's headline shape when every block takes it), rare. Blocks that do not
+   on each pass, then a selection pass. Exact, about 7x slower (2.6 ms instead of 0.38 ms at
+   the benchmark's headline shape when every block takes it: ``--profile``), rare. Blocks that do not
    overflow run it with zero trips: no branch reads anything back to the host.
 
 A row with fewer than K valid tokens never finds a digit (every count < K), keeps T* = INT32_MIN,
