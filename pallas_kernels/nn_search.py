@@ -271,7 +271,7 @@ def _select(keys, valid, kth, need_ties, written, ties_seen):
 
 
 class _Block(NamedTuple):
-    """What program ``p`` knows about its block of candidates (see ``_block_table``)."""
+    """What program ``p`` knows about its block of candidates (see ``_block_slots``)."""
 
     start: jax.Array          # first row of the request's tokens in the flat sequence
     length: jax.Array         # the request's length (0 for surplus programs)
@@ -494,7 +494,8 @@ def _nn_search_kernel(block_req_ref, slots_ref, offsets_ref, lengths_ref, seq_re
 
 _PAIRWISE_MAX_N = 8192
 """Up to this many candidates, ranks within a request come from one pairwise-comparison reduction
-(O(N^2) work, one fused kernel); beyond it, from a sort."""
+(O(N^2) work, one fused kernel: 5 us at N = 4096 on an H100, where XLA's sort took 27 us); beyond
+it, from a sort. The crossover is extrapolated, not measured."""
 
 
 def _block_slots(cand_to_req: jax.Array, num_req: int, block_c: int, num_blocks: int):
