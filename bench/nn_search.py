@@ -226,8 +226,7 @@ def main() -> None:
     result = {"environment": env, "config": config.__dict__, "k": K, "candidates_per_batch": N_TOTAL,
               "timing": f"median of samples of {CALLS} back-to-back calls, compile excluded"}
     shapes = [(10_000, 256)] if args.quick else [(L, c) for L in LENGTHS for c in CANDS]
-    # --tune: the design choices one at a time against the default (the ablation in the
-    # nn_search docstring), then other tilings
+    # --tune: the design choices and tilings, one knob at a time against the default
     base = NNSearchConfig()
     knobs = ({"scores": "fma"}, {"radix_bits": 2}, {"radix_bits": 4}, {"unroll": 1},
              {"num_stages": 1}, {"block_t": 64}, {"bins": 512}, {"num_warps": 8})
