@@ -1,4 +1,4 @@
-"""Serving benchmark (issue 6; paper §4.4.3 "Server Optimizations", Figures 7-9; SPEC §7-8).
+"""Serving benchmark (paper §4.4.3 "Server Optimizations", Figures 7-9).
 
 Open-loop load on the serving engine: a generator thread submits ranking requests to the
 ``DynamicBatcher`` at Poisson arrival times fixed in advance (it never waits for completions, so a
@@ -59,19 +59,19 @@ import jax  # noqa: E402
 from transact_jax.config import SelectionConfig  # noqa: E402
 from transact_jax.data.synthetic import SyntheticConfig, iter_chunks  # noqa: E402
 from transact_jax.model.config import ModelConfig  # noqa: E402
-from transact_jax.presets import preset  # noqa: E402
+from transact_jax.run.presets import preset  # noqa: E402
 from transact_jax.serving import (  # noqa: E402
     BatcherConfig, BucketConfig, DynamicBatcher, Ladder, Overloaded, Ranker, split_requests)
 from transact_jax.serving.collate import plan  # noqa: E402
 from transact_jax.serving.layout import layout_for  # noqa: E402
-from transact_jax.train.config import ExperimentConfig  # noqa: E402
-from transact_jax.train.state import build_model  # noqa: E402
+from transact_jax.run.config import ExperimentConfig  # noqa: E402
+from transact_jax.model.builder import build_model  # noqa: E402
 
 CONFIGS = {
     "baseline": dict(dedup=False, pinned=False, nn_impl="xla", encoder_impl="xla"),
     "pinned": dict(dedup=False, pinned=True, nn_impl="xla", encoder_impl="xla"),
     "dedup": dict(dedup=True, pinned=False, nn_impl="xla", encoder_impl="xla"),
-    "all": dict(dedup=True, pinned=True, nn_impl="pallas", encoder_impl="skut"),
+    "all": dict(dedup=True, pinned=True, nn_impl="pallas_triton", encoder_impl="pallas_triton"),
 }
 PHASES = ("queue", "prep", "pin", "h2d", "forward", "d2h")
 SLO_MS = 20.0
@@ -406,7 +406,7 @@ def main(argv=None) -> None:
     env = environment()
     sel = SelectionConfig(max_ll_len=ll_len)
     cfg = preset("transact_v2", ExperimentConfig(selection=sel, model=ModelConfig(dtype=args.dtype)))
-    _, params = build_model(cfg, seed=0)
+    _, params = build_model(cfg.feature, cfg.selection, cfg.model, 0)
     max_requests = max(1, max(batch_sizes) // cands)
     pool = request_pool(cfg, ll_len, cands, count=max(4 * max_requests, 32 if q else 256))
     buckets = bench_buckets(sel, ll_len, max_requests, max(batch_sizes))

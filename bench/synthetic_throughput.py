@@ -1,4 +1,4 @@
-"""Synthetic data + NN feature logging throughput (issue 2, item 4 and 5).
+"""Synthetic data + NN feature logging throughput: generation, S_all selection and feature-log writing.
 
 Streams synthetic users in chunks, runs NN selection once per example (``log_nn_features``), writes
 the logged examples with ``FeatureLogWriter`` and reports:

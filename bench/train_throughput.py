@@ -1,4 +1,4 @@
-"""Training throughput of the jitted train step (issue 3, item 8).
+"""Training throughput of the jitted train step and of the end-to-end loop.
 
 For each preset, batch size and compute dtype: examples/s of the jitted, donated train step on
 device-resident batches (input pipeline excluded; median and spread over repeated steps, compile
@@ -25,10 +25,11 @@ from _env import RESULTS, environment, time_calls
 from transact_jax.data.generate import write_synthetic_logs
 from transact_jax.data.synthetic import SyntheticConfig
 from transact_jax.model.inputs import ModelInputs
-from transact_jax.presets import preset
+from transact_jax.run.presets import preset
 from transact_jax.train.loop import train
 from transact_jax.train.objective import Targets
-from transact_jax.train.state import data_mesh, init_state, make_train_step, replicate, shard_batch
+from transact_jax.run.state import init_state
+from transact_jax.train.step import data_mesh, make_train_step, replicate, shard_batch
 
 
 def step_throughput(name: str, batch_size: int, dtype: str, log, repeats: int) -> dict:

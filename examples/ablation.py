@@ -34,8 +34,8 @@ from transact_jax.data.feature_log import FeatureLog  # noqa: E402
 from transact_jax.environment import environment  # noqa: E402
 from transact_jax.data.generate import write_synthetic_logs  # noqa: E402
 from transact_jax.data.synthetic import SyntheticConfig  # noqa: E402
-from transact_jax.presets import PAPER_TABLE2, PRESET_NAMES, preset  # noqa: E402
-from transact_jax.train.config import ExperimentConfig, TrainConfig  # noqa: E402
+from transact_jax.run.presets import PAPER_TABLE2, PRESET_NAMES, preset  # noqa: E402
+from transact_jax.run.config import ExperimentConfig, TrainConfig  # noqa: E402
 from transact_jax.train.loop import train  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "bench", "results")

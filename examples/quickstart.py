@@ -24,7 +24,7 @@ import time
 
 from transact_jax.data.generate import write_synthetic_logs
 from transact_jax.data.synthetic import SyntheticConfig
-from transact_jax.presets import preset
+from transact_jax.run.presets import preset
 from transact_jax.train.loop import train
 
 

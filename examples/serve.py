@@ -30,7 +30,7 @@ from transact_jax.data.synthetic import SOURCES, SyntheticConfig, iter_chunks
 
 def train_tiny(workdir: str, users: int, steps: int, seed: int) -> str:
     from transact_jax.data.generate import write_synthetic_logs
-    from transact_jax.presets import preset
+    from transact_jax.run.presets import preset
     from transact_jax.train.loop import train
 
     base = preset("transact_v2")

@@ -1,9 +1,31 @@
 """Pallas kernels for TransAct V2 and their pure-jnp references.
 
 Standalone: nothing here imports ``transact_jax``, so the kernels can be reused in other models.
-Each kernel lives in a module family: the kernel, its ``*_reference`` and its config; import
-functions from their modules (e.g. ``from pallas_kernels.nn_search_reference import
-nn_search_reference``).
+
+Layout: one package per kernel op, and one entry point per op in its ``api`` module::
+
+    pallas_kernels/
+      _common.py        helpers shared by the kernels; IMPLS and resolve_impl (the impl names);
+                        A10G_SMEM_BYTES (the shared-memory budget)
+      int8_codec.py     the int8 embedding codec (shared; not a kernel op; re-exported here)
+      skut/             the fused transformer encoder (SKUT, paper §3.4.2)
+        api.py          skut(x, mask, weights, *, impl="auto", ...)
+        reference.py    the pure-jnp contract (EncoderWeights, skut_reference, ...)
+        config.py       SkutConfig
+        pallas_triton.py  the kernel (forward only)
+        vjp.py          the kernel made differentiable (backward: autodiff of the reference)
+      nn_search/        the fused int8 nearest-neighbour token search (paper §3.4.2)
+        api.py          nn_search(seq_q, lengths, cand, cand_to_req=None, *, k, impl="auto", ...)
+        reference.py    the pure-jnp contract (nn_search_reference, masked_top_k, PAD_INDEX, ...)
+        config.py       NNSearchConfig, MAX_K
+        pallas_triton.py  the kernel and its jagged-layout wrapper
+        profile.py      the kernel stopped early (bench/nn_search.py --profile only)
+
+Rule: callers run an op through its ``api`` entry point, choosing the implementation with ``impl``
+(``"pallas_triton"``, ``"xla"`` = the reference, or ``"auto"``: the kernel on a GPU, the reference
+elsewhere); they may import the op's ``reference`` and ``config`` modules for its types and building
+blocks, never its kernel modules (only the op's own tests and benchmarks do). Each op's tests run
+every implementation against its reference.
 """
 from pallas_kernels.int8_codec import (
     DEQUANT_STEP,
@@ -13,10 +35,8 @@ from pallas_kernels.int8_codec import (
     l2_normalize,
     quantize_int8,
 )
-from pallas_kernels.nn_search_reference import PAD_INDEX, masked_top_k, normalized_sequence
 
 __all__ = [
-    "DEQUANT_STEP", "QUANT_MAX", "QUANT_SCALE", "PAD_INDEX",
+    "DEQUANT_STEP", "QUANT_MAX", "QUANT_SCALE",
     "dequantize_int8", "l2_normalize", "quantize_int8",
-    "masked_top_k", "normalized_sequence",
 ]

@@ -1,7 +1,29 @@
-"""Small helpers shared by the Pallas kernels: tile-size checks and the interpret-mode default."""
+"""Small helpers shared by the Pallas kernels: tile-size checks, the interpret-mode default, the
+``impl`` names every op's ``api`` accepts, and the A10G shared-memory budget."""
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
+
+A10G_SMEM_BYTES = 101_376
+"""Shared memory one block may use on an A10G (sm_86): 99 KiB."""
+
+IMPLS = ("auto", "pallas_triton", "xla")
+"""Implementations an op's ``api`` entry point accepts: ``"pallas_triton"`` (the Pallas kernel,
+Triton backend), ``"xla"`` (the pure-jnp reference) or ``"auto"`` (see :func:`resolve_impl`)."""
+
+
+def resolve_impl(impl: str, *, field: str = "impl", platform: Optional[str] = None) -> str:
+    """The concrete implementation for ``impl``: ``"auto"`` is ``"pallas_triton"`` on a GPU
+    (``platform``, default ``jax.default_backend()``) and ``"xla"`` elsewhere; ``"pallas_triton"``
+    and ``"xla"`` are returned as they are. Anything else raises ``ValueError`` naming ``field``."""
+    if impl == "auto":
+        platform = jax.default_backend() if platform is None else platform
+        return "pallas_triton" if platform == "gpu" else "xla"
+    if impl in ("pallas_triton", "xla"):
+        return impl
+    raise ValueError(f"{field}: expected one of {IMPLS}, got {impl!r}")
 
 
 def is_pow2(n: int) -> bool:

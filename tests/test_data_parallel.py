@@ -1,4 +1,4 @@
-"""Data-parallel training (issue 3 item 9): 4 CPU devices give the same parameters as 1 device.
+"""Data-parallel training: 4 CPU devices give the same parameters as 1 device.
 
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` must be set before jax is imported, so both
 runs happen in fresh subprocesses (started together; they run in parallel). Each trains the same
@@ -20,8 +20,8 @@ from transact_jax.config import SelectionConfig
 from transact_jax.data.generate import write_synthetic_logs
 from transact_jax.data.synthetic import SyntheticConfig
 from transact_jax.model.config import ModelConfig
-from transact_jax.presets import preset
-from transact_jax.train.config import ExperimentConfig, TrainConfig
+from transact_jax.run.presets import preset
+from transact_jax.run.config import ExperimentConfig, TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEL = SelectionConfig(k_ll=8, r=8, k_rt=4, k_imp=4, num_nal_negatives=4, max_ll_len=500)
@@ -38,7 +38,7 @@ WORKER = textwrap.dedent('''
     import numpy as np
     from transact_jax.data.feature_log import FeatureLog
     from transact_jax.train import loop
-    from transact_jax.train.config import ExperimentConfig
+    from transact_jax.run.config import ExperimentConfig
 
     cfg_path, data, out = sys.argv[1:4]
     cfg = ExperimentConfig.from_json(cfg_path)

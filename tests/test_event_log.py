@@ -1,4 +1,4 @@
-"""Bring-your-own-logs: event-log format, loaders, writers and the builder (transact_jax.data.event_log).
+"""Bring-your-own-logs: event-log format, loaders, writers and the builder (transact_jax.data.events).
 
 The tests write a small hand-made event log themselves (as CSV and as npz) and check exactly which
 tokens land in S_LL / S_RT / S_imp, plus a brute-force per-request reference on a random log.
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from transact_jax.config import FeatureConfig, SelectionConfig
-from transact_jax.data.event_log import (
+from transact_jax.data.events import (
     EventLog,
     EventLogConfig,
     build_requests,
@@ -411,7 +411,7 @@ def test_matches_brute_force_reference(sel, window):
             np.testing.assert_array_equal(got.surfaces, s, err_msg=f"{u} {name}")
             np.testing.assert_array_equal(got.embeddings, np.stack([code_of[i] for i in item]))
     # the random log is not trivial: every non-zero limit yields tokens, merging yields multi-hot ones
-    for name, limit in (("ll", sel.max_ll_len), ("rt", sel.max_rt_len), ("imp", sel.max_imp_len)):
+    for name, limit in sel.max_lengths.items():
         assert (getattr(batch, name).offsets[-1] > 0) == (limit > 0), name
     popcount = np.unpackbits(batch.rt.tokens.actions[:, None].view(np.uint8), axis=1).sum(1)
     assert (popcount.max() > 1) == (window > 0)

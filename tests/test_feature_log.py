@@ -13,6 +13,7 @@ import pytest
 from tests.helpers import random_requests
 from transact_jax.config import FeatureConfig, SelectionConfig
 from transact_jax.data import feature_log as fl
+from transact_jax.data.feature_log import format as fl_format
 from transact_jax.data.feature_log import FeatureLog, FeatureLogError, FeatureLogWriter, write_feature_log
 from transact_jax.data.features import example_nbytes, log_nn_features
 from transact_jax.data.schema import SchemaError, TrainingExamples, broadcast
@@ -172,6 +173,14 @@ def test_manifest_problems(tmp_path, examples):
     (path / "manifest.json").write_text(json.dumps(bad))
     with pytest.raises(FeatureLogError, match="version 99"):
         FeatureLog(path)
+    for key, value, field in (("selection_config", dict(manifest["selection_config"], k_ll=-1), "k_ll"),
+                              ("feature_config", dict(manifest["feature_config"], colour="red"), "colour"),
+                              ("selection_config", [1, 2], "selection_config")):
+        (path / "manifest.json").write_text(json.dumps(dict(manifest, **{key: value})))
+        with pytest.raises(FeatureLogError) as e:
+            FeatureLog(path)
+        assert e.value.field.endswith("manifest.json") and field in str(e.value)
+        assert f"manifest.json: {key}" in str(e.value)
     (path / "manifest.json").write_text("{ not json")
     with pytest.raises(FeatureLogError, match="manifest.json: not valid JSON"):
         FeatureLog(path)
@@ -278,9 +287,11 @@ def test_existing_log_is_not_overwritten_by_accident(tmp_path, examples):
     assert len(log) == 5 and sorted(os.listdir(path)) == ["manifest.json", "shard-00000.tfl"]
 
 
-def test_write_requests_runs_nn_logging(tmp_path, requests, examples):
+def test_logged_requests_round_trip(tmp_path, requests, examples):
+    """The writer stores examples only; NN selection runs before it (log_nn_features)."""
     with FeatureLogWriter(tmp_path / "log", FEAT, SEL, examples_per_shard=50) as w:
-        assert w.write_requests(requests) == len(examples)
+        w.write(log_nn_features(requests, FEAT, SEL))
+        assert w.num_examples == len(examples)
     assert_same(FeatureLog(tmp_path / "log").read(np.arange(len(examples))), examples)
 
 
@@ -306,11 +317,11 @@ def test_crash_mid_shard_leaves_no_accepted_file(tmp_path, examples, monkeypatch
             raise KeyboardInterrupt("killed")
         real_replace(src, dst)
 
-    monkeypatch.setattr(fl.os, "replace", dying_replace)
+    monkeypatch.setattr(fl_format.os, "replace", dying_replace)
     w = FeatureLogWriter(path, FEAT, SEL, examples_per_shard=16)
     with pytest.raises(KeyboardInterrupt):
         w.write(examples)
-    monkeypatch.setattr(fl.os, "replace", real_replace)
+    monkeypatch.setattr(fl_format.os, "replace", real_replace)
     assert sorted(os.listdir(path)) == ["shard-00000.tfl"]  # temp file removed, no shard 1
     with pytest.raises(FeatureLogError, match="missing"):
         FeatureLog(path)

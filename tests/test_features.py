@@ -1,4 +1,4 @@
-"""S_all assembly and NN feature logging (SPEC §2, paper §3.2.2 and §3.4.1).
+"""S_all assembly and NN feature logging (paper §3.2.2 and §3.4.1; docs/design.md "S_all slots and ordering").
 
 A hand-built batch whose NN picks are known by construction, then a randomized comparison of
 ``log_nn_features`` with an independent, straightforward per-candidate numpy implementation
@@ -349,13 +349,13 @@ def test_log_nn_features_matches_per_candidate_numpy(monkeypatch, budget, seed):
     req = _inject_ties(rng, req, RAND_SEL.k_ll)
 
     calls = []
-    original = features.nn_search_grouped_reference
+    original = features.nn_search
 
     def counting(seq, lens, grid, **kw):
         calls.append(seq.shape[:2] + grid.shape[1:2])
         return original(seq, lens, grid, **kw)
 
-    monkeypatch.setattr(features, "nn_search_grouped_reference", counting)
+    monkeypatch.setattr(features, "nn_search", counting)
     if budget is not None:
         monkeypatch.setattr(features, "_SCORE_BUDGET", budget)
 

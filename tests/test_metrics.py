@@ -1,4 +1,4 @@
-"""Tests of the offline metrics (paper §4.2.1, SPEC §5) on small hand-checked cases."""
+"""Tests of the offline metrics (paper §4.2.1) on small hand-checked cases."""
 from __future__ import annotations
 
 import itertools

@@ -1,4 +1,4 @@
-"""The ranking model (SPEC §3): presets, eq. 4 feature encoding, masks, segments, causality, dtypes,
+"""The ranking model: presets, eq. 4 feature encoding, masks, segments, causality, dtypes,
 and the model / experiment configs (validation, JSON round trip, Table 2 presets)."""
 from __future__ import annotations
 
@@ -10,15 +10,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from pallas_kernels.int8_codec import dequantize_int8
 from transact_jax.config import FeatureConfig, SelectionConfig
-from transact_jax.model import ranking
+from transact_jax.model import layers
 from transact_jax.model.config import ALL_SEGMENTS, ModelConfig
 from transact_jax.model.inputs import ModelInputs
-from transact_jax.presets import PRESET_NAMES, RT_SEGMENTS, preset
-from transact_jax.train.config import ExperimentConfig, TrainConfig
-from transact_jax.train.state import build_model
+from transact_jax.model.sequence import registry
+from transact_jax.run.presets import PRESET_NAMES, RT_SEGMENTS, preset
+from transact_jax.run.config import ExperimentConfig, TrainConfig
+from transact_jax.model.builder import build_model
 
 FEAT = FeatureConfig()
 SEL = SelectionConfig(k_ll=8, r=8, k_rt=4, k_imp=4, num_nal_negatives=4, max_ll_len=500)
@@ -34,7 +36,7 @@ def base(dtype: str = "float32") -> ExperimentConfig:
 def built(name: str, dtype: str = "float32"):
     """(cfg, model definition, params, jitted forward) of a preset on the tiny selection config."""
     cfg = preset(name, base(dtype))
-    mdef, params = build_model(cfg, seed=0)
+    mdef, params = build_model(cfg.feature, cfg.selection, cfg.model, 0)
     fwd = jax.jit(lambda p, x: mdef.bind(p)(x))
     return cfg, mdef, params, fwd
 
@@ -159,16 +161,16 @@ def test_presets_share_the_non_sequence_tower():
 def _capture_encoder_input(monkeypatch, name, x, params=None):
     """Run ``name`` eagerly and return what the transformer encoder received (F of eq. 4)."""
     seen = []
-    real = ranking.skut_reference
+    real = layers.skut
 
     def spy(h, mask, weights, **kw):
         seen.append((np.asarray(h), np.asarray(mask)))
         return real(h, mask, weights, **kw)
 
-    monkeypatch.setattr(ranking, "skut_reference", spy)
+    monkeypatch.setattr(layers, "skut", spy)
     _, mdef, p, _ = built(name)
     mdef.bind(p if params is None else params)(x)
-    monkeypatch.setattr(ranking, "skut_reference", real)
+    monkeypatch.setattr(layers, "skut", real)
     assert len(seen) == 1
     return seen[0]
 
@@ -360,7 +362,7 @@ def test_model_config_validation_names_field(kwargs, field):
 def test_model_d_model_must_fit_early_fusion():
     cfg = preset("transact", ExperimentConfig(selection=SEL, model=ModelConfig(d_model=48, num_heads=1)))
     with pytest.raises(ValueError, match="d_model"):
-        build_model(cfg, 0)
+        build_model(cfg.feature, cfg.selection, cfg.model, 0)
 
 
 @pytest.mark.parametrize("make,field", [
@@ -401,3 +403,52 @@ def test_experiment_config_json_round_trip(name):
     # a partial dict keeps the defaults of what it leaves out
     part = ExperimentConfig.from_dict({"model": {"num_layers": 1}})
     assert part == dataclasses.replace(ExperimentConfig(), model=ModelConfig(num_layers=1))
+
+
+# ------------------------------------------------------------------- sequence-model registry
+
+
+class _MeanPool(nnx.Module):
+    """A family defined outside the package: mean of the valid token embeddings, projected."""
+
+    def __init__(self, feat, cfg, *, rngs):
+        self.proj = nnx.Linear(feat.embedding_dim, cfg.seq_out_dim, rngs=rngs)
+
+    def __call__(self, emb, actions, surfaces, mask, cand, dtype, dropout_key=None):
+        w = mask[..., None].astype(jnp.float32)
+        mean = jnp.sum(emb * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+        return self.proj(mean), None
+
+
+@pytest.fixture
+def mean_pool_family():
+    entry = registry.SequenceModelEntry(
+        "test_mean_pool", lambda feat, cfg, length, rt_slots, rngs: _MeanPool(feat, cfg, rngs=rngs))
+    registry.register(entry)
+    yield entry
+    del registry._REGISTRY[entry.name]
+
+
+def test_a_new_family_is_one_registry_entry(mean_pool_family):
+    """Registering a module is enough: the tower, the builder and the configs take it by name."""
+    assert "test_mean_pool" in registry.names()
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(mean_pool_family)
+    model = ModelConfig(sequence_model="test_mean_pool", mlp_dims=(32,))
+    cfg = ExperimentConfig(selection=SEL, model=model, train=TrainConfig(nal_negatives="none"))
+    mdef, params = build_model(cfg.feature, cfg.selection, cfg.model, 0)
+    assert set(params["sequence"]) == {"proj"}
+    x = random_inputs(3)
+    out = mdef.bind(params)(x)
+    assert out.logits.shape == (N, FEAT.num_heads) and out.nal_user is None
+    # the sequence vector is used: other token embeddings change the logits
+    other = dataclasses.replace(x, embeddings=np.zeros_like(x.embeddings))
+    assert not np.allclose(mdef.bind(params)(other).logits, out.logits)
+    # it produces no P u(t), so the Next Action Loss is refused by name
+    with pytest.raises(ValueError, match="train.nal_negatives"):
+        ExperimentConfig(selection=SEL, model=model)
+
+
+def test_unknown_sequence_model_lists_the_registry():
+    with pytest.raises(ValueError, match=r"sequence_model: expected one of \('none', 'bst', 'transact'"):
+        ModelConfig(sequence_model="hstu")

@@ -1,4 +1,5 @@
-"""Containers and validation of ``transact_jax.data.schema`` and the configs (SPEC §1, §7, §9)."""
+"""Containers of ``transact_jax.data.schema``, their validation by the rule book
+(``transact_jax.data.request_rules``) and the configs."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +10,7 @@ import pytest
 
 from tests.helpers import random_jagged, random_requests
 from transact_jax.config import FeatureConfig, SelectionConfig
+from transact_jax.data import request_rules as rules
 from transact_jax.data.schema import (
     BroadcastBatch,
     JaggedSequences,
@@ -310,6 +312,33 @@ def test_request_validation_names_field(case):
     assert str(info.value).startswith(field + ":")
 
 
+def test_validate_raises_the_first_request_problem_of_the_rule_book():
+    """One rule book: RequestBatch.validate raises the first entry of the per-request listing."""
+    r = _valid_requests()
+    bad = _replace_tokens(r, "rt", "surfaces", _set(r.rt.tokens.surfaces, 4, 8))     # token 4: request 1
+    bad = dataclasses.replace(bad, dense=_set(r.dense, (3, 0), np.inf))                # candidate 3: request 2
+    bad = dataclasses.replace(bad, labels=_set(r.labels, (4, 1), 7))                   # request 2 again
+    problems = rules.request_problems(bad, FEAT, SEL)
+    assert problems == {1: rules.RequestProblem(1, "rt.tokens.surfaces", "surface id 8 out of range [0, 8)"),
+                        2: rules.RequestProblem(2, "dense", "contains NaN/inf")}
+    with pytest.raises(SchemaError) as info:
+        bad.validate(FEAT, SEL)
+    assert str(info.value) == "rt.tokens.surfaces: surface id 8 out of range [0, 8) (request 1)"
+    # the switches: labels and lengths can be left out, empty candidate lists can be required
+    labels_only = dataclasses.replace(r, labels=_set(r.labels, (4, 1), 7))
+    assert list(rules.request_problems(labels_only, FEAT, SEL)) == [2]
+    assert rules.request_problems(labels_only, FEAT, SEL, labels=False) == {}
+    long = dataclasses.replace(r, ll=random_jagged(np.random.default_rng(1), [7, 0, 21]))
+    assert rules.request_problems(long, FEAT, SEL)[2].field == "ll"
+    assert rules.request_problems(long, FEAT, SEL, lengths=False) == {}
+    empty = rules.request_problems(r, FEAT, SEL, candidates=True)
+    assert list(empty) == [1] and empty[1].field == "candidates"      # request 1 has no candidates
+    # structure problems are not per request: they raise at once
+    with pytest.raises(SchemaError) as info:
+        rules.check_structure(dataclasses.replace(r, dense=r.dense[:, :7]), FEAT)
+    assert info.value.field == "dense"
+
+
 def test_request_validation_action_bits_beyond_a():
     feat5 = FeatureConfig(action_names=("click", "repin", "closeup", "share", "hide"),
                           positive_actions=("click", "repin"), negative_actions=("hide",))
@@ -511,6 +540,8 @@ def test_default_configs():
         ("ll", 0, 96), ("rt_recent", 96, 128), ("rt_nn", 128, 160), ("imp", 160, 192)]
     assert sel.segment("rt_nn") == slice(128, 160)
     assert (sel.max_ll_len, sel.max_rt_len, sel.max_imp_len) == (10_000, 100, 100)
+    assert sel.max_lengths == {"ll": 10_000, "rt": 100, "imp": 100}
+    assert list(SEL.max_lengths) == [name for name, _ in _valid_requests().sequences()]
     assert SEL.s_all_len == 11 and SEL.segment("imp") == slice(8, 11)
 
 

@@ -1,4 +1,4 @@
-"""The dynamic batcher (SPEC §7; issue 6 item 2): per-request futures, max batch and max wait,
+"""The dynamic batcher: per-request futures, max batch and max wait,
 back-pressure, shutdown, several client threads, bad-request and failed-batch isolation.
 
 Policy tests drive the batcher with a recording stand-in for the Ranker (instant, or held by a gate
@@ -28,7 +28,7 @@ from transact_jax.serving import (
 )
 from transact_jax.serving.ranker import BatchReport
 from transact_jax.serving.validation import validate_request
-from transact_jax.train.state import build_model
+from transact_jax.model.builder import build_model
 
 H = FEAT.num_heads
 
@@ -247,7 +247,7 @@ def test_config_validation():
 
 @pytest.fixture(scope="module")
 def ranker():
-    return Ranker(CFG, build_model(CFG, seed=0)[1], **XLA)
+    return Ranker(CFG, build_model(CFG.feature, CFG.selection, CFG.model, 0)[1], **XLA)
 
 
 def test_batcher_in_front_of_the_ranker(ranker):

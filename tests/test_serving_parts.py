@@ -1,4 +1,4 @@
-"""Serving building blocks without the model (SPEC §7, §9): ladders and buckets, the staged arena
+"""Serving building blocks without the model: ladders and buckets, the staged arena
 layout (host views <-> device unpack), batch collation in both layouts, per-request validation,
 request splitting, and host staging (pinned fallback and the in-place pinned mechanism)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The serving Ranker (SPEC §7, §9; issue 6): training-serving consistency against the logged NN
+"""The serving Ranker: training-serving consistency against the logged NN
 features, de-duplicated vs broadcast layouts, bucket padding, bad-request isolation, steady-state
 compilation, checkpoint loading and pinned staging through the whole path.
 
@@ -18,11 +18,13 @@ from transact_jax.config import FeatureConfig, SelectionConfig
 from transact_jax.data.features import log_nn_features
 from transact_jax.model.config import ModelConfig
 from transact_jax.model.inputs import ModelInputs
-from transact_jax.presets import preset
+from transact_jax.run.presets import preset
 from transact_jax.serving import BucketConfig, Ladder, Ranker, RankerConfig, RequestError
-from transact_jax.train.checkpoint import Checkpointer
-from transact_jax.train.config import ExperimentConfig
-from transact_jax.train.state import build_model, init_state, make_predict
+from transact_jax.run.checkpoint import Checkpointer
+from transact_jax.run.config import ExperimentConfig
+from transact_jax.model.builder import build_model
+from transact_jax.run.state import init_state
+from transact_jax.train.step import make_predict
 
 FEAT = FeatureConfig()
 SEL = SelectionConfig(k_ll=16, r=8, k_rt=4, k_imp=8, max_ll_len=300, max_rt_len=40, max_imp_len=50,
@@ -38,7 +40,7 @@ XLA = dict(nn_impl="xla", encoder_impl="xla", buckets=BUCKETS)
 
 @pytest.fixture(scope="module")
 def model():
-    mdef, params = build_model(CFG, seed=0)
+    mdef, params = build_model(CFG.feature, CFG.selection, CFG.model, 0)
     return mdef, params
 
 
@@ -196,8 +198,8 @@ def test_ranker_config_validation_and_auto():
         RankerConfig(encoder_impl="torch")
     with pytest.raises(ValueError, match="overlong"):
         RankerConfig(overlong="drop")
-    assert RankerConfig().resolved("gpu").nn_impl == "pallas"
-    assert RankerConfig().resolved("gpu").encoder_impl == "skut"
+    assert RankerConfig().resolved("gpu").nn_impl == "pallas_triton"
+    assert RankerConfig().resolved("gpu").encoder_impl == "pallas_triton"
     assert RankerConfig().resolved("cpu").nn_impl == "xla"
 
 
@@ -227,8 +229,8 @@ def test_gpu_kernels_serving_scores_equal_logged_features(model):
     req = make_requests(8, ll=(10_000, 0, 17, 4000, 300), cands=(64, 3, 2, 50, 9))
     sel = dataclasses.replace(SEL, max_ll_len=10_000)
     cfg = dataclasses.replace(CFG, selection=sel)
-    mdef, params = build_model(cfg, seed=0)
-    fast = Ranker(cfg, params, nn_impl="pallas", encoder_impl="skut", pinned=True)
+    mdef, params = build_model(cfg.feature, cfg.selection, cfg.model, 0)
+    fast = Ranker(cfg, params, nn_impl="pallas_triton", encoder_impl="pallas_triton", pinned=True)
     assert fast.staging.mode in ("pinned", "pinned_copy")
     got = fast.score(req)
     ex = log_nn_features(req, FEAT, sel)

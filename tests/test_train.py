@@ -1,4 +1,4 @@
-"""Training loop, checkpoints, evaluation and CLI (SPEC §5; issue 3 items 3-4).
+"""Training loop, checkpoints, evaluation and CLI.
 
 Every ``train()`` call jit-compiles its step (10-20 s on a 2-core CPU), so the module shares one
 uninterrupted run (fixture ``run_a``) and one crashed + resumed run (``run_b``), and turns on JAX's
@@ -20,11 +20,11 @@ from transact_jax.config import SelectionConfig
 from transact_jax.data.generate import write_synthetic_logs
 from transact_jax.data.synthetic import SyntheticConfig
 from transact_jax.model.config import ModelConfig
-from transact_jax.presets import preset
-from transact_jax.train.checkpoint import Checkpointer, check_compatible
-from transact_jax.train.config import ExperimentConfig, TrainConfig
+from transact_jax.run.presets import preset
+from transact_jax.run.checkpoint import Checkpointer, check_compatible, load_run
+from transact_jax.run.config import ExperimentConfig, TrainConfig
 from transact_jax.train.loop import evaluate, train
-from transact_jax.train.state import init_state
+from transact_jax.run.state import init_state
 
 SEL = SelectionConfig(k_ll=8, r=8, k_rt=4, k_imp=4, num_nal_negatives=4, max_ll_len=500)
 SYN = SyntheticConfig(num_items=3000, users_per_chunk=64)
@@ -143,7 +143,7 @@ def test_bf16_train_step_close_to_f32(logs):
     """The bf16 compute option trains: finite loss close to the f32 one, float32 parameters."""
     from transact_jax.model.inputs import ModelInputs
     from transact_jax.train.objective import Targets
-    from transact_jax.train.state import data_mesh, make_train_step, shard_batch
+    from transact_jax.train.step import data_mesh, make_train_step, shard_batch
 
     batch = logs[0].read(np.arange(CFG.train.batch_size))
     mesh = data_mesh()
@@ -205,18 +205,24 @@ def test_metrics_jsonl_and_config_json(run_a):
 def test_restore_under_other_model_config_names_field(run_a):
     workdir, _, _ = run_a
     other = dataclasses.replace(CFG, model=dataclasses.replace(CFG.model, num_layers=1))
-    _, template, _ = init_state(other)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
         with pytest.raises(ValueError, match=r"model\.num_layers"):
-            ckpt.restore(template, other)
+            ckpt.load(expect=other)
         # fields a resumed run may change (more steps, other logging) are accepted
         longer = dataclasses.replace(CFG, train=dataclasses.replace(CFG.train, steps=99, log_every=7))
-        _, template, _ = init_state(CFG)
-        state, data_state = ckpt.restore(template, longer)
-        assert int(state.step) == STEPS and isinstance(data_state, dict)
+        run = ckpt.load(expect=longer)
+        assert int(run.state.step) == STEPS and isinstance(run.data_state, dict)
+        assert run.step == STEPS and run.config == CFG_A
     finally:
         ckpt.close()
+    # load_run: the same, by path (a workdir or its checkpoints/ directory)
+    run = load_run(workdir)
+    assert run.config == CFG_A and run.step == STEPS
+    jax.tree_util.tree_map(np.testing.assert_array_equal, run.params,
+                           load_run(os.path.join(workdir, "checkpoints"), step=STEPS).params)
+    with pytest.raises(FileNotFoundError, match="path"):
+        load_run(os.path.join(workdir, "nowhere"))
 
 
 def test_check_compatible_names_field():

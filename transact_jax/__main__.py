@@ -5,7 +5,7 @@
     python -m transact_jax train --config my_experiment.json --data data/ --workdir runs/mine
     python -m transact_jax evaluate --workdir runs/v2 --data data/
 
-``--config`` takes a JSON file of :class:`~transact_jax.train.config.ExperimentConfig` (sections
+``--config`` takes a JSON file of :class:`~transact_jax.run.config.ExperimentConfig` (sections
 ``feature``, ``selection``, ``model``, ``train``; missing fields keep their defaults). A train run in
 an existing workdir resumes from its latest checkpoint.
 """
@@ -17,14 +17,14 @@ import json
 import os
 import sys
 
-from transact_jax.train.config import ExperimentConfig
+from transact_jax.run.config import ExperimentConfig
 
 
 def _config(args) -> ExperimentConfig:
     if args.config:
         cfg = ExperimentConfig.from_json(args.config)
     else:
-        from transact_jax.presets import preset
+        from transact_jax.run.presets import preset
         cfg = preset(args.preset)
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
                                    ("seed", args.seed)) if v is not None}
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
 
     from transact_jax.data.feature_log import FeatureLog
     if args.command == "presets":
-        from transact_jax.presets import PRESET_NAMES, preset
+        from transact_jax.run.presets import PRESET_NAMES, preset
         for name in PRESET_NAMES:
             c = preset(name)
             print(f"{name:22s} sequence={c.model.sequence_model:9s} segments={','.join(c.model.segments) or '-':32s} "
@@ -88,16 +88,14 @@ def main(argv=None) -> int:
         print(json.dumps({"train": result.metrics, "eval": result.eval_metrics}, indent=2))
         return 0
     if args.command == "evaluate":
-        from transact_jax.train.checkpoint import Checkpointer
+        from transact_jax.model.builder import model_def
+        from transact_jax.run.checkpoint import load_run
         from transact_jax.train.loop import evaluate
-        from transact_jax.train.state import init_state
-        cfg = ExperimentConfig.from_json(os.path.join(args.workdir, "config.json"))
-        mdef, state, _ = init_state(cfg)
-        ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"))
-        state, _ = ckpt.restore(state, cfg)
-        ckpt.close()
+        run = load_run(args.workdir)
+        cfg = run.config
         log = FeatureLog(os.path.join(args.data, "eval"), cfg.feature, cfg.selection)
-        print(json.dumps(evaluate(cfg, mdef, state.params, log), indent=2))
+        mdef = model_def(cfg.feature, cfg.selection, cfg.model)
+        print(json.dumps(evaluate(cfg, mdef, run.params, log), indent=2))
         return 0
     return 1
 

@@ -1,4 +1,4 @@
-"""Frozen configuration dataclasses for features and NN selection (SPEC §1-2).
+"""Frozen configuration dataclasses for features and NN selection.
 
 Notation from the paper (arXiv 2506.02267, Table 1), explained once here:
 
@@ -16,7 +16,7 @@ Sequences are stored chronologically (index 0 is the oldest token).
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 
@@ -114,16 +114,18 @@ class FeatureConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SelectionConfig:
-    """Sequence limits and the NN selection that builds S_all (SPEC §2).
+    """Sequence limits and the NN selection that builds S_all (paper §3.2.2; docs/design.md, "NN
+    selection" and "S_all slots and ordering").
 
     S_all has fixed slots: ``[0, K_LL)`` hold NN(S_LL), the next ``r`` hold S_RT[:r], then ``K_RT``
     slots for NN(S_RT[r:]) and ``K_imp`` for NN(S_imp). Inside a segment, valid tokens come first in
     chronological order, padding after; a validity mask travels with S_all.
 
     Attributes:
-      max_ll_len: L_LL, longest lifelong sequence kept (longer ones keep the most recent tokens).
+      max_ll_len: L_LL, longest lifelong sequence kept.
       max_rt_len: longest real-time sequence kept.
-      max_imp_len: longest impression sequence kept.
+      max_imp_len: longest impression sequence kept. A sequence longer than its maximum keeps its
+        most recent tokens (docs/design.md, "Truncation and over-long sequences").
       k_ll, r, k_rt, k_imp: segment sizes (K_LL, r, K_RT, K_imp).
       num_nal_negatives: M, the user's M most recent impressions logged per example as NAL negatives
         (chronological, padding last).
@@ -152,6 +154,12 @@ class SelectionConfig:
     def s_all_len(self) -> int:
         """|S_all| = K_LL + r + K_RT + K_imp (192 by default, the paper's choice, §4.4.2)."""
         return self.k_ll + self.r + self.k_rt + self.k_imp
+
+    @property
+    def max_lengths(self) -> Dict[str, int]:
+        """Longest sequence kept per family: ``{"ll": max_ll_len, "rt": max_rt_len, "imp":
+        max_imp_len}`` (the family names of ``RequestBatch.sequences()``)."""
+        return {"ll": self.max_ll_len, "rt": self.max_rt_len, "imp": self.max_imp_len}
 
     @property
     def segments(self) -> Tuple[Tuple[str, slice], ...]:

@@ -1,18 +1,15 @@
-"""NN feature selection and S_all assembly for whole request batches (SPEC §2, paper §3.4.1).
+"""NN feature selection and S_all on the host for whole request batches (paper §3.4.1).
 
-:func:`select_s_all` runs NN selection (the pure-jnp reference in ``pallas_kernels``) for every
-candidate of a de-duplicated :class:`~transact_jax.data.schema.RequestBatch` and gathers the selected
-tokens into the fixed S_all slots::
-
-    S_all = NN(S_LL, c; K_LL) ⊕ S_RT[:r] ⊕ NN(S_RT[r:], c; K_RT) ⊕ NN(S_imp, c; K_imp)
-
-With sequences stored chronologically, ``S_RT[:r]`` (the r most recent real-time actions) are the
-*last* r tokens of S_RT and ``S_RT[r:]`` the older prefix. :func:`log_nn_features` turns requests
+:func:`select_s_all` runs NN selection (``pallas_kernels.nn_search.api.nn_search`` with
+``impl="xla"``, the jnp reference) for every candidate of a de-duplicated
+:class:`~transact_jax.data.schema.RequestBatch` and lays the selected tokens into the fixed S_all
+slots with :mod:`transact_jax.data.s_all` (the slot semantics, shared with serving).
+:func:`log_nn_features` turns requests
 with labels into :class:`~transact_jax.data.schema.TrainingExamples`: the "NN feature logging" of
 paper §3.4.1, which stores |S_all| tokens per example instead of the full O(L) sequences.
 
 Work is grouped by request, never broadcast: each request's sequence is scored against all of its
-candidates at once (``nn_search_grouped_reference``), and requests are processed in chunks of similar
+candidates at once (the API's grouped layout), and requests are processed in chunks of similar
 lifelong length with bucketed shapes so that jit compiles a handful of shapes only.
 """
 from __future__ import annotations
@@ -23,8 +20,10 @@ from typing import Dict, Tuple
 import numpy as np
 
 from pallas_kernels.int8_codec import dequantize_int8
-from pallas_kernels.nn_search_reference import PAD_INDEX, nn_search_grouped_reference
+from pallas_kernels.nn_search.api import nn_search
 from transact_jax.config import FeatureConfig, SelectionConfig
+from transact_jax.data import s_all as slots
+from transact_jax.data.s_all import PAD_INDEX
 from transact_jax.data.schema import (
     JaggedSequences,
     RequestBatch,
@@ -109,57 +108,41 @@ def nn_select(seqs: JaggedSequences, lengths: np.ndarray, cand: np.ndarray, cand
         mine = np.nonzero(slot_of_req[cand_to_req] >= 0)[0]
         grid = np.zeros((u_b, n_b, cand.shape[-1]), np.float32)
         grid[slot_of_req[cand_to_req[mine]], rank[mine]] = cand[mine]
-        idx, _ = nn_search_grouped_reference(seq, lens, grid, k=k, scale=scale)
+        idx, _ = nn_search(seq, lens, grid, k=k, scale=scale, impl="xla")   # grouped layout
         out[mine] = np.asarray(idx)[slot_of_req[cand_to_req[mine]], rank[mine]]
         start = stop
     return out
 
 
-def _recent_index(lengths: np.ndarray, count: int) -> np.ndarray:
-    """(U, count) positions of the ``count`` most recent tokens, chronological, -1 padding last."""
-    start = np.maximum(lengths.astype(np.int64) - count, 0)[:, None]
-    idx = start + np.arange(count)[None, :]
-    return np.where(idx < lengths[:, None], idx, PAD_INDEX).astype(np.int32)
-
-
-def _gather_into(out: TokenFields, slots: slice, seqs: JaggedSequences, rows: np.ndarray,
-                 idx: np.ndarray) -> np.ndarray:
-    """Write tokens ``seqs[rows[i]][idx[i, j]]`` into ``out[i, slots]``; returns the (N, k) mask.
-
-    Slots where ``idx == -1`` are left as they are (zeros in a fresh buffer).
-    """
+def _host_gather(seqs: JaggedSequences, rows: np.ndarray, idx: np.ndarray) -> Dict[str, np.ndarray]:
+    """Token fields of ``seqs[rows[i]][idx[i, j]]`` (N, k, ...), zeros where ``idx == -1``."""
     mask = idx >= 0
-    if not mask.any():
-        return mask
-    flat = np.where(mask, seqs.offsets[rows][:, None] + idx, 0)
+    out = {}
     for f in dataclasses.fields(TokenFields):
-        got = getattr(seqs.tokens, f.name)[flat]
+        column = getattr(seqs.tokens, f.name)
+        if not mask.any():
+            out[f.name] = np.zeros(idx.shape + column.shape[1:], column.dtype)
+            continue
+        got = column[np.where(mask, seqs.offsets[rows][:, None] + idx, 0)]
         got[~mask] = 0
-        getattr(out, f.name)[:, slots] = got
-    return mask
+        out[f.name] = got
+    return out
 
 
 def select_s_all(requests: RequestBatch, feat: FeatureConfig, sel: SelectionConfig) -> SAll:
     """Build S_all for every candidate of ``requests`` (see module docstring)."""
     cand = dequantize_int8(requests.cand_embedding, feat.quant_scale)
     c2r = requests.cand_to_req
-    rt_len = requests.rt.lengths
-    rt_old = np.maximum(rt_len - sel.r, 0).astype(np.int32)
-    segment_index = {
-        "ll": nn_select(requests.ll, requests.ll.lengths, cand, c2r, sel.k_ll, feat.quant_scale),
-        "rt_recent": _recent_index(rt_len, sel.r)[c2r],
-        "rt_nn": nn_select(requests.rt, rt_old, cand, c2r, sel.k_rt, feat.quant_scale),
-        "imp": nn_select(requests.imp, requests.imp.lengths, cand, c2r, sel.k_imp, feat.quant_scale),
-    }
-    source = {"ll": requests.ll, "rt_recent": requests.rt, "rt_nn": requests.rt, "imp": requests.imp}
-    n = len(c2r)
-    tokens = TokenFields.empty((n, sel.s_all_len), feat)
-    mask = np.zeros((n, sel.s_all_len), bool)
-    index = np.full((n, sel.s_all_len), PAD_INDEX, np.int32)
-    for name, slots in sel.segments:
-        mask[:, slots] = _gather_into(tokens, slots, source[name], c2r, segment_index[name])
-        index[:, slots] = segment_index[name]
-    return SAll(tokens, mask, index)
+    source = {"ll": requests.ll, "rt": requests.rt, "imp": requests.imp}
+
+    def search(family: str, lengths: np.ndarray, k: int) -> np.ndarray:
+        return nn_select(source[family], lengths, cand, c2r, k, feat.quant_scale)
+
+    lengths = {name: seqs.lengths for name, seqs in source.items()}
+    index = slots.segment_indices(lengths, sel, search, lambda a: a[c2r], np)
+    fields, mask, source_index = slots.assemble(
+        index, sel, lambda family, idx: _host_gather(source[family], c2r, idx), np)
+    return SAll(TokenFields(**fields), mask, source_index)
 
 
 def nal_target_mask(s_all: TokenFields, mask: np.ndarray, feat: FeatureConfig,
@@ -187,9 +170,8 @@ def log_nn_features(requests: RequestBatch, feat: FeatureConfig, sel: SelectionC
         requests.validate(feat, sel)
     s_all = select_s_all(requests, feat, sel)
     c2r = requests.cand_to_req
-    negatives = TokenFields.empty((len(c2r), sel.num_nal_negatives), feat)
-    neg_index = _recent_index(requests.imp.lengths, sel.num_nal_negatives)[c2r]
-    neg_mask = _gather_into(negatives, slice(0, sel.num_nal_negatives), requests.imp, c2r, neg_index)
+    neg_index = slots.recent_index(requests.imp.lengths, sel.num_nal_negatives, np)[c2r]
+    negatives = _host_gather(requests.imp, c2r, neg_index)["embeddings"]
     return TrainingExamples(
         s_all=s_all.tokens,
         s_all_mask=s_all.mask,
@@ -202,8 +184,8 @@ def log_nn_features(requests: RequestBatch, feat: FeatureConfig, sel: SelectionC
         categorical=requests.categorical,
         labels=requests.labels,
         nal_target_mask=nal_target_mask(s_all.tokens, s_all.mask, feat, sel),
-        nal_negatives=negatives.embeddings,
-        nal_negative_mask=neg_mask,
+        nal_negatives=negatives,
+        nal_negative_mask=neg_index >= 0,
     )
 
 

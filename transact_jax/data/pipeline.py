@@ -1,8 +1,11 @@
-"""grain input pipeline over a feature log (SPEC §5): shuffle, batch, repeat, shard, prefetch.
+"""grain input pipeline over any example source: shuffle, batch, repeat, shard, prefetch.
 
-The pipeline shuffles and batches example *indices*, then turns each batch of indices into a
-:class:`~transact_jax.data.schema.TrainingExamples` batch with one vectorized gather
-(:meth:`FeatureLog.read <transact_jax.data.feature_log.FeatureLog.read>`), never one read per example::
+The source is any :class:`~transact_jax.data.source.ExampleSource` (a
+:class:`~transact_jax.data.feature_log.FeatureLog` on disk,
+:class:`~transact_jax.data.source.InMemoryExamples`, or anything else with the configs, ``len`` and
+``read(indices)``). The pipeline shuffles and batches example
+*indices*, then turns each batch of indices into a :class:`~transact_jax.data.schema.TrainingExamples`
+batch with one vectorized gather (``source.read(indices)``), never one read per example::
 
     range(this process's slice) -> shuffle(seed) -> repeat(num_epochs) -> batch(indices) -> read
 
@@ -20,13 +23,14 @@ Order and epochs:
 
 Data parallelism: process ``shard_index`` of ``shard_count`` reads examples
 ``shard_index, shard_index + shard_count, ...``, disjoint from the other processes. With
-``even_shards=True`` (default) the last ``len(log) % shard_count`` examples are left out so all
+``even_shards=True`` (default) the last ``len(source) % shard_count`` examples are left out so all
 processes have the same number of examples (and batches) per epoch, which keeps lock-step training
 loops from stalling.
 
 Resuming: the iterator of :func:`make_loader` has ``get_state()`` (a small JSON-compatible dict) and
 ``set_state(state)``; a fresh iterator of an identically configured loader restored from a saved state
-yields exactly the batches the original would have yielded next.
+yields exactly the batches the original would have yielded next. grain matches the source by its
+``repr`` (:class:`GrainSource` shows the source's own ``repr``, which identifies its data).
 """
 from __future__ import annotations
 
@@ -35,40 +39,42 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 import grain
 import numpy as np
 
-from transact_jax.data.feature_log import FeatureLog
 from transact_jax.data.schema import TrainingExamples
+from transact_jax.data.source import ExampleSource
 
 
-class LoggedExampleSource:
-    """A grain ``RandomAccessDataSource`` over a :class:`FeatureLog`: one example per index.
+class GrainSource:
+    """A grain ``RandomAccessDataSource`` over an :class:`ExampleSource`: one example per index.
 
     ``source[i]`` is ``{column: array}`` (the flat columns of ``TrainingExamples.columns()``, without the
     example axis). For batches, :meth:`read_batch` gathers many examples at once.
     """
 
-    def __init__(self, log: FeatureLog):
-        if not isinstance(log, FeatureLog):
-            raise TypeError(f"log: expected a FeatureLog, got {type(log).__name__}")
-        self.log = log
+    def __init__(self, source: ExampleSource):
+        if not isinstance(source, ExampleSource):
+            raise TypeError(f"source: expected an ExampleSource (feat, sel, len() and read(indices)), "
+                            f"got {type(source).__name__}")
+        self.source = source
 
     def __len__(self) -> int:
-        return len(self.log)
+        return len(self.source)
 
     def __getitem__(self, index: int) -> Dict[str, np.ndarray]:
-        return self.log[int(index)]
+        batch = self.source.read(np.array([index], np.int64)).columns()
+        return {name: a[0] for name, a in batch.items()}
 
     def read_batch(self, indices: Union[Sequence[int], np.ndarray]) -> TrainingExamples:
         """Examples at ``indices``, in that order, in one gather."""
-        return self.log.read(indices)
+        return self.source.read(indices)
 
     def __repr__(self) -> str:  # grain uses the repr to match sources in checkpoints
-        return f"LoggedExampleSource(path={self.log.path!r}, num_examples={len(self.log)})"
+        return f"GrainSource({self.source!r})"
 
 
 class _GatherBatch:
     """Map function: a batch of indices -> TrainingExamples (picklable, unlike a lambda)."""
 
-    def __init__(self, source: LoggedExampleSource):
+    def __init__(self, source: GrainSource):
         self.source = source
 
     def __call__(self, indices: np.ndarray) -> TrainingExamples:
@@ -79,8 +85,8 @@ def _stack_indices(indices: Sequence[int]) -> np.ndarray:
     return np.asarray(indices, dtype=np.int64)
 
 
-def _as_source(data: Union[FeatureLog, LoggedExampleSource]) -> LoggedExampleSource:
-    return data if isinstance(data, LoggedExampleSource) else LoggedExampleSource(data)
+def _as_grain(data: Union[ExampleSource, GrainSource]) -> GrainSource:
+    return data if isinstance(data, GrainSource) else GrainSource(data)
 
 
 def derive_seed(seed: int) -> int:
@@ -101,14 +107,14 @@ def shard_range(num_examples: int, shard_index: int = 0, shard_count: int = 1,
     return range(int(shard_index), int(usable), int(shard_count))
 
 
-def make_dataset(log: Union[FeatureLog, LoggedExampleSource], *, batch_size: int, seed: int = 0,
+def make_dataset(source: Union[ExampleSource, GrainSource], *, batch_size: int, seed: int = 0,
                  shuffle: bool = True, num_epochs: Optional[int] = 1, drop_remainder: bool = True,
                  shard_index: int = 0, shard_count: int = 1,
                  even_shards: bool = True) -> grain.MapDataset:
     """A ``grain.MapDataset`` of :class:`TrainingExamples` batches (order: module docstring).
 
     Args:
-      log: the feature log (or a :class:`LoggedExampleSource` over one).
+      source: the examples: any :class:`ExampleSource` (or a :class:`GrainSource` over one).
       batch_size: examples per batch.
       seed: shuffle seed; the order is a deterministic function of (seed, shard, epoch).
       shuffle: False keeps the stored order (every epoch the same).
@@ -121,8 +127,8 @@ def make_dataset(log: Union[FeatureLog, LoggedExampleSource], *, batch_size: int
         raise ValueError(f"batch_size: must be a positive int, got {batch_size!r}")
     if num_epochs is not None and (not isinstance(num_epochs, (int, np.integer)) or num_epochs < 1):
         raise ValueError(f"num_epochs: must be a positive int or None, got {num_epochs!r}")
-    source = _as_source(log)
-    rows = shard_range(len(source), shard_index, shard_count, even_shards)
+    grain_source = _as_grain(source)
+    rows = shard_range(len(grain_source), shard_index, shard_count, even_shards)
     ds = grain.MapDataset.range(rows.start, rows.stop, rows.step)
     if shuffle:
         ds = ds.shuffle(seed=derive_seed(seed))
@@ -130,10 +136,10 @@ def make_dataset(log: Union[FeatureLog, LoggedExampleSource], *, batch_size: int
         derive_seed(seed)  # validate it all the same
     ds = ds.repeat(num_epochs, reseed_each_epoch=True)
     ds = ds.batch(int(batch_size), drop_remainder=drop_remainder, batch_fn=_stack_indices)
-    return ds.map(_GatherBatch(source))
+    return ds.map(_GatherBatch(grain_source))
 
 
-def make_loader(log: Union[FeatureLog, LoggedExampleSource], *, batch_size: int, seed: int = 0,
+def make_loader(source: Union[ExampleSource, GrainSource], *, batch_size: int, seed: int = 0,
                 shuffle: bool = True, num_epochs: Optional[int] = 1, drop_remainder: bool = True,
                 shard_index: int = 0, shard_count: int = 1, even_shards: bool = True,
                 prefetch: int = 4, num_threads: int = 2,
@@ -149,7 +155,7 @@ def make_loader(log: Union[FeatureLog, LoggedExampleSource], *, batch_size: int,
     """
     if prefetch < 0 or num_threads < 0:
         raise ValueError(f"prefetch, num_threads: must be >= 0, got {prefetch}, {num_threads}")
-    ds = make_dataset(log, batch_size=batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+    ds = make_dataset(source, batch_size=batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                       drop_remainder=drop_remainder, shard_index=shard_index,
                       shard_count=shard_count, even_shards=even_shards)
     if transform is not None:

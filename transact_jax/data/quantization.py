@@ -1,4 +1,4 @@
-"""Validated int8 quantization of item embeddings (paper §3.2.1, SPEC §1).
+"""Validated int8 quantization of item embeddings (paper §3.2.1).
 
 ``q = clamp(round(e / 0.65 * 127), -127, 127)`` and ``e' = q * 0.65 / 127``. The arithmetic lives
 in ``pallas_kernels.int8_codec`` (shared with the kernels); this module adds the input checks that an
@@ -16,6 +16,7 @@ from pallas_kernels.int8_codec import (
     dequantize_int8,
     quantize_int8,
 )
+from transact_jax.data.request_rules import check_codes
 from transact_jax.data.schema import SchemaError, check_finite
 
 MAX_ABS_ERROR: float = DEQUANT_STEP / 2
@@ -36,12 +37,11 @@ def quantize(e: np.ndarray, scale: float = QUANT_SCALE, name: str = "embeddings"
 
 def dequantize(q: np.ndarray, scale: float = QUANT_SCALE, name: str = "embeddings",
                dtype=np.float32) -> np.ndarray:
-    """Dequantize int8 codes; rejects non-int8 input and the unused code -128."""
+    """Dequantize int8 codes; rejects non-int8 input and the code -128, which the codec never produces."""
     q = np.asarray(q)
     if q.dtype != np.int8:
         raise SchemaError(name, f"expected int8 codes, got dtype {q.dtype}")
-    if np.any(q == -128):
-        raise SchemaError(name, "int8 code -128 is outside the codec's [-127, 127]")
+    check_codes(name, q)
     return dequantize_int8(q, scale, dtype)
 
 

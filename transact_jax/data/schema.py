@@ -1,4 +1,4 @@
-"""Typed containers for sequence tokens, training examples and serving requests (SPEC §1, §7, §9).
+"""Typed containers for sequence tokens, training examples and serving requests.
 
 All containers are frozen dataclasses of numpy arrays (host side). They are registered as JAX pytrees,
 so a batch can be passed to a jitted function as it is (after ``jax.device_put``).
@@ -17,6 +17,8 @@ Containers:
 * :class:`RequestBatch` - the de-duplicated serving layout of paper §3.4.2 / Figure 5.
 
 Every container has ``validate(...)`` that raises :class:`SchemaError` naming the offending field.
+The per-field rules live in one place, :mod:`transact_jax.data.request_rules` (the validators here
+apply them); docs/design.md, "Sequences and tokens" and "Bad input and errors", has the background.
 """
 from __future__ import annotations
 
@@ -51,7 +53,8 @@ def check_array(name: str, x, dtype=None, shape: Optional[Tuple[Optional[int], .
         raise SchemaError(name, f"expected dtype kind {kind!r}, got {x.dtype}")
     if shape is not None:
         if x.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
-            want = "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"
+            dims = ["?" if s is None else str(s) for s in shape]
+            want = f"({', '.join(dims)}{',' if len(dims) == 1 else ''})"
             raise SchemaError(name, f"expected shape {want}, got {x.shape}")
     return x
 
@@ -120,18 +123,13 @@ class TokenFields:
         return cls(**{f.name: cols[f"{prefix}.{f.name}"] for f in dataclasses.fields(cls)})
 
     def validate(self, cfg: FeatureConfig, name: str, shape: Optional[Tuple] = None) -> None:
-        shape = self.shape if shape is None else shape
-        check_array(f"{name}.timestamps", self.timestamps, np.int64, shape)
-        check_array(f"{name}.actions", self.actions, cfg.action_dtype, shape)
-        check_array(f"{name}.surfaces", self.surfaces, np.int16, shape)
-        check_array(f"{name}.embeddings", self.embeddings, np.int8,
-                    tuple(shape) + (cfg.embedding_dim,))
-        if self.actions.size and int(np.bitwise_or.reduce(self.actions, axis=None)) >> cfg.num_actions:
-            raise SchemaError(f"{name}.actions", f"action bits beyond the {cfg.num_actions} "
-                              f"configured action types are set")
-        check_range(f"{name}.surfaces", self.surfaces, 0, cfg.num_surfaces)
-        if np.any(self.embeddings == -128):
-            raise SchemaError(f"{name}.embeddings", "int8 code -128 is outside the codec's [-127, 127]")
+        """Dtypes and shapes (leading ``shape``, default: the timestamps' shape) and the token rules
+        of :mod:`~transact_jax.data.request_rules` (action bits, surface ids, no int8 code -128)."""
+        from transact_jax.data import request_rules as rules  # the rule book imports this module
+        if shape is None:
+            shape = check_array(f"{name}.timestamps", self.timestamps).shape
+        rules.check_token_arrays(self, cfg, name, shape)
+        rules.raise_first(rules.token_breaches(name, self, cfg))
 
 
 @_register
@@ -232,25 +230,17 @@ class JaggedSequences:
                  self.tokens.map(lambda a: a[:0]), np.zeros(1, np.int64))
 
     def validate(self, cfg: FeatureConfig, name: str, max_len: Optional[int] = None) -> None:
-        check_array(f"{name}.offsets", self.offsets, np.int64, (None,))
-        if len(self.offsets) < 1 or self.offsets[0] != 0:
-            raise SchemaError(f"{name}.offsets", "must start with 0")
-        if np.any(np.diff(self.offsets) < 0):
-            raise SchemaError(f"{name}.offsets", "must be non-decreasing")
-        # flat (T,) tokens: check the timestamps first so that a wrong type/shape names the tokens
-        total = check_array(f"{name}.tokens.timestamps", self.tokens.timestamps, np.int64,
-                            (None,)).shape[0]
-        if self.offsets[-1] != total:
-            raise SchemaError(f"{name}.offsets", f"last offset {self.offsets[-1]} != number of "
-                              f"tokens {self.tokens.shape}")
-        self.tokens.validate(cfg, f"{name}.tokens", (total,))
-        if max_len is not None and len(self.offsets) > 1 and self.lengths.max() > max_len:
-            u = int(np.argmax(self.lengths))
-            raise SchemaError(name, f"sequence {u} has {self.lengths[u]} tokens, more than the "
-                              f"configured maximum {max_len}; use truncate_recent()")
+        """Structure (offsets, flat tokens), the token rules and, with ``max_len``, the length rule of
+        :mod:`~transact_jax.data.request_rules`. Empty sequences are valid."""
+        from transact_jax.data import request_rules as rules  # the rule book imports this module
+        rules.check_jagged(self, cfg, name)
+        rules.raise_first(rules.token_breaches(f"{name}.tokens", self.tokens, cfg))
+        if max_len is not None:
+            rules.raise_first([rules.length_breach(name, self.lengths, max_len)])
 
     def truncate_recent(self, max_len: int) -> "JaggedSequences":
-        """Keep the ``max_len`` most recent tokens of each sequence (SPEC §9)."""
+        """Keep the ``max_len`` most recent tokens of each sequence (the truncation policy for
+        over-long sequences; docs/design.md, "Truncation and over-long sequences")."""
         if len(self.offsets) < 2 or self.lengths.max() <= max_len:
             return self
         return JaggedSequences.from_padded(self.to_padded(max_len))
@@ -264,7 +254,8 @@ class TrainingExamples:
     """A batch of N logged training examples (one per (request, candidate) pair).
 
     Attributes:
-      s_all: (N, |S_all|) tokens of S_all, the NN-selected sequence (SPEC §2), in fixed slots.
+      s_all: (N, |S_all|) tokens of S_all, the NN-selected sequence (paper §3.2.2), in the fixed
+        slots of ``SelectionConfig.segments`` (docs/design.md, "S_all slots and ordering").
       s_all_mask: (N, |S_all|) bool, True for real tokens.
       candidate_embedding: (N, D) int8 codes of the candidate item's embedding (e_c).
       item_id, user_id, request_id: (N,) int64; ``request_id`` identifies the ranking request, i.e.
@@ -342,18 +333,17 @@ class TrainingExamples:
         return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *parts)
 
     def validate(self, feat: FeatureConfig, sel: SelectionConfig) -> None:
+        """Dtypes and shapes of every column, the token and candidate rules of
+        :mod:`~transact_jax.data.request_rules`, and the padding rules of S_all and the negatives."""
+        from transact_jax.data import request_rules as rules  # the rule book imports this module
         cols = self.columns()
         n = len(self)
         for name, (dtype, shape) in self.column_specs(feat, sel).items():
             check_array(name, cols[name], dtype, (n,) + shape)
-        self.s_all.validate(feat, "s_all")
-        check_finite("dense", self.dense)
-        for c, vocab in enumerate(feat.categorical_vocab_sizes):
-            check_range(f"categorical[:, {c}]", self.categorical[:, c], 0, vocab)
-        check_range("labels", self.labels, 0, 2)
-        for name in ("candidate_embedding", "nal_negatives"):
-            if np.any(getattr(self, name) == -128):
-                raise SchemaError(name, "int8 code -128 is outside [-127, 127]")
+        rules.raise_first(rules.token_breaches("s_all", self.s_all, feat))
+        rules.raise_first(rules.candidate_breaches(feat, ("candidate_embedding", self.candidate_embedding),
+                                                   self.dense, self.categorical, self.labels))
+        rules.check_codes("nal_negatives", self.nal_negatives, "negative")
         # Padding slots carry no token: a masked-off slot must be all zeros (every token field).
         pad = ~self.s_all_mask
         if any(np.any(a[pad]) for a in jax.tree_util.tree_leaves(self.s_all)):
@@ -371,7 +361,7 @@ class TrainingExamples:
 @_register
 @dataclasses.dataclass(frozen=True)
 class RequestBatch:
-    """De-duplicated ranking requests (paper §3.4.2, Figure 5; SPEC §7).
+    """De-duplicated ranking requests (paper §3.4.2, Figure 5).
 
     Request-level features (the user's full S_LL, S_RT, S_imp) are stored once per request as jagged
     sequences; candidate-level features once per candidate, with ``cand_to_req`` mapping each
@@ -383,6 +373,10 @@ class RequestBatch:
       cand_item_id: (N,) int64; cand_embedding: (N, D) int8 codes; cand_to_req: (N,) int32 in [0, U).
       dense: (N, num_dense) float32; categorical: (N, C) int32.
       labels: (N, H) uint8 for logged requests (training data), or None when serving.
+
+    Every field's rules are in :mod:`transact_jax.data.request_rules`. Empty sequences are valid;
+    sequences longer than ``SelectionConfig.max_lengths`` are not (:meth:`truncate_recent` keeps their
+    most recent tokens).
     """
 
     ll: JaggedSequences
@@ -412,34 +406,16 @@ class RequestBatch:
         yield "imp", self.imp
 
     def validate(self, feat: FeatureConfig, sel: SelectionConfig) -> None:
-        u, n = self.num_requests, self.num_candidates
-        limits = {"ll": sel.max_ll_len, "rt": sel.max_rt_len, "imp": sel.max_imp_len}
-        for name, seqs in self.sequences():
-            seqs.validate(feat, name, limits[name])
-            if seqs.num_sequences != u:
-                raise SchemaError(f"{name}.offsets", f"{seqs.num_sequences} sequences for {u} requests")
-        for name in ("user_id", "request_id", "request_timestamp"):
-            check_array(name, getattr(self, name), np.int64, (u,))
-        check_array("cand_item_id", self.cand_item_id, np.int64, (n,))
-        check_array("cand_embedding", self.cand_embedding, np.int8, (n, feat.embedding_dim))
-        if np.any(self.cand_embedding == -128):
-            raise SchemaError("cand_embedding", "int8 code -128 is outside [-127, 127]")
-        check_array("cand_to_req", self.cand_to_req, np.int32, (n,))
-        check_range("cand_to_req", self.cand_to_req, 0, u)
-        check_array("dense", self.dense, np.float32, (n, feat.num_dense))
-        check_finite("dense", self.dense)
-        check_array("categorical", self.categorical, np.int32, (n, len(feat.categorical_vocab_sizes)))
-        for c, vocab in enumerate(feat.categorical_vocab_sizes):
-            check_range(f"categorical[:, {c}]", self.categorical[:, c], 0, vocab)
-        if self.labels is not None:
-            check_array("labels", self.labels, np.uint8, (n, feat.num_heads))
-            check_range("labels", self.labels, 0, 2)
+        """Apply every rule of :mod:`~transact_jax.data.request_rules` (sequence lengths and labels
+        included); raise :class:`SchemaError` naming the field of the first problem."""
+        from transact_jax.data import request_rules as rules  # the rule book imports this module
+        rules.validate_requests(self, feat, sel)
 
     def truncate_recent(self, sel: SelectionConfig) -> "RequestBatch":
-        """Cut over-long sequences to their most recent tokens (the documented SPEC §9 policy)."""
-        return dataclasses.replace(self, ll=self.ll.truncate_recent(sel.max_ll_len),
-                                   rt=self.rt.truncate_recent(sel.max_rt_len),
-                                   imp=self.imp.truncate_recent(sel.max_imp_len))
+        """Cut sequences longer than ``sel.max_lengths`` to their most recent tokens."""
+        limits = sel.max_lengths
+        return dataclasses.replace(self, **{name: seqs.truncate_recent(limits[name])
+                                            for name, seqs in self.sequences()})
 
     def sequence_nbytes(self) -> int:
         """Bytes of the request-level sequence features in this (de-duplicated) layout."""

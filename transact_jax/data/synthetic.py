@@ -1,4 +1,4 @@
-"""Seeded, vectorized synthetic lifelong-sequence data (SPEC §5, issue 2 item 4).
+"""Seeded, vectorized synthetic lifelong-sequence data.
 
 Public data with lifelong, real-time and impression sequences does not exist (paper §4.1), so this
 module builds a world in which each signal source carries information the others lack, and the
@@ -45,7 +45,7 @@ The world
   user bias. A hidden candidate gets no click or repin.
 
 Nothing about the ablation ordering is forced: the effects only say which sequence *could* reveal a
-label; whether a model learns it is measured by training (issue 3).
+label; whether a model learns it is measured by training (``examples/ablation.py``).
 
 Generation streams users in chunks of ``users_per_chunk``; chunk ``i`` is a pure function of
 ``(seed, i)``, so the output is deterministic and any chunk can be regenerated alone.

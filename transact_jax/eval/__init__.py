@@ -1,4 +1,4 @@
-"""Offline evaluation of ranking models (paper §4.2.1, SPEC §5): HIT@K per head grouped by
+"""Offline evaluation of ranking models (paper §4.2.1): HIT@K per head grouped by
 (user, chunk), AUC and normalized entropy per head, relative lift for Table 2 style reports.
 
 See :mod:`transact_jax.eval.metrics` for the definitions and notation.

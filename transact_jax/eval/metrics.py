@@ -1,4 +1,4 @@
-"""Offline ranking metrics of TransAct V2 (paper §4.2.1, SPEC §5): HIT@K, AUC and normalized entropy.
+"""Offline ranking metrics of TransAct V2 (paper §4.2.1): HIT@K, AUC and normalized entropy.
 
 Notation (paper §4.2.1), explained once here:
 

@@ -1,7 +1,7 @@
-"""Frozen model configuration (SPEC §3).
+"""Frozen model configuration.
 
-One code path covers TransAct V2 and the baselines of Table 2; they differ only in
-``sequence_model`` and ``segments``:
+One code path covers TransAct V2 and the baselines of the paper's Table 2; they differ only in
+``sequence_model`` (a name in the registry of :mod:`transact_jax.model.sequence`) and ``segments``:
 
 * ``sequence_model="none"``: no user sequence (Wide&Deep).
 * ``"bst"``: BST - a non-causal transformer over the chosen segments with the candidate appended as an
@@ -17,8 +17,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Tuple
 
-SEQUENCE_MODELS = ("none", "bst", "transact")
-ENCODER_IMPLS = ("xla", "skut")
+from pallas_kernels._common import IMPLS
+
 ALL_SEGMENTS = ("ll", "rt_recent", "rt_nn", "imp")
 
 
@@ -27,7 +27,7 @@ class ModelConfig:
     """Architecture of the ranking model.
 
     Attributes:
-      sequence_model: "none" | "bst" | "transact" (module docstring).
+      sequence_model: a registered sequence model: "none" | "bst" | "transact" (module docstring).
       segments: S_all segments the sequence model reads, in S_all order.
       d_model: transformer width d = 2 x embedding_dim (64, eq. 4).
       num_layers, num_heads, ff_dim: encoder shape (2 layers, 1 head, feed-forward 32; paper §3.2.2).
@@ -38,9 +38,10 @@ class ModelConfig:
       mlp_dims: hidden sizes of the MLP after the cross layers.
       wide: add a per-category linear ("wide") logit per head.
       dtype: compute dtype, "float32" or "bfloat16" (parameters stay float32).
-      encoder_impl: "xla" (``skut_reference`` compiled by XLA) or "skut" (the fused Pallas kernel,
-        ``pallas_kernels.skut``; Pallas interpret mode off GPU). SKUT has no dropout: a training step
-        that applies dropout (``dropout > 0``) runs the reference; inference and dropout-free training
+      encoder_impl: the ``impl`` of :func:`pallas_kernels.skut.api.skut`: "xla" (the jnp reference
+        compiled by XLA), "pallas_triton" (the fused SKUT kernel; Pallas interpret mode off GPU) or
+        "auto" (the kernel on a GPU, XLA elsewhere). SKUT has no dropout: a training step that
+        applies dropout (``dropout > 0``) runs the reference; inference and dropout-free training
         run the kernel (its backward pass is the reference's autodiff).
     """
 
@@ -60,10 +61,10 @@ class ModelConfig:
     encoder_impl: str = "xla"
 
     def __post_init__(self):
-        if self.sequence_model not in SEQUENCE_MODELS:
-            raise ValueError(f"sequence_model: expected one of {SEQUENCE_MODELS}, got {self.sequence_model!r}")
-        if self.encoder_impl not in ENCODER_IMPLS:
-            raise ValueError(f"encoder_impl: expected one of {ENCODER_IMPLS}, got {self.encoder_impl!r}")
+        from transact_jax.model.sequence import sequence_model_entry  # the registry imports this module
+        sequence_model_entry(self.sequence_model)
+        if self.encoder_impl not in IMPLS:
+            raise ValueError(f"encoder_impl: expected one of {IMPLS}, got {self.encoder_impl!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype: expected 'float32' or 'bfloat16', got {self.dtype!r}")
         unknown = set(self.segments) - set(ALL_SEGMENTS)

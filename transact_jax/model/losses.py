@@ -1,4 +1,4 @@
-"""Training objective of TransAct V2 (paper §3.1, §3.3, eq. 1 and 5-7; SPEC §4).
+"""Training objective of TransAct V2 (paper §3.1, §3.3, eq. 1 and 5-7).
 
     L = L_CE + w_NAL * L_NAL                                                   (eq. 7)
 
@@ -21,7 +21,7 @@ Choices (documented here, tested in ``tests/test_losses.py``):
   examples.
 * :func:`nal_loss` is eq. 5 *averaged* over valid (u, t) pairs, where eq. 6 sums them: with the
   mean, the scale of L_NAL and hence the meaning of w_NAL do not depend on the batch size, on r, or
-  on how many positions happen to be positive engagements (SPEC §4).
+  on how many positions happen to be positive engagements.
 * A sampled-softmax pair needs at least one valid negative: with none, eq. 5 is identically 0 (and
   so is its gradient), so such pairs are left out of the mean instead of diluting it.
 * Accidental hits: a negative that *is* the positive item (equal int8 codes when codes are given,

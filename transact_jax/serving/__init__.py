@@ -1,4 +1,4 @@
-"""Serving: score ranking requests with full user sequences on an accelerator (SPEC §7, paper §3.4).
+"""Serving: score ranking requests with full user sequences on an accelerator (paper §3.4).
 
 Names from the paper, explained once: **S_LL** is the user's lifelong action sequence (up to
 L_LL = 10,000 tokens), **S_RT** the real-time sequence (up to 100), **S_imp** the impressions shown
@@ -18,11 +18,13 @@ Pieces, one module each:
 * :mod:`.collate` - batch preparation: requests written straight into the arena, de-duplicated
   (one copy of each request's sequences, paper Figure 5) or broadcast (one copy per candidate: the
   naive baseline).
-* :mod:`.validation` - per-request checks (SPEC §9): a bad request gets its own error naming the
+* :mod:`.validation` - per-request checks (the rule book of ``transact_jax.data``): a bad request gets its own error naming the
   field; the rest of the batch is still scored.
-* :mod:`.forward` - the jitted forward: on-device NN search (fused Pallas kernel or XLA) and S_all,
-  ranking model (SKUT or XLA encoder), per-head probabilities.
-* :mod:`.ranker` - :class:`Ranker`: checkpoint loading, ``score``, timing and byte accounting.
+* :mod:`.forward` - the jitted forward: on-device NN search (fused Pallas kernel or XLA) and S_all
+  (the same slot semantics as offline logging), ranking model (SKUT or XLA encoder), per-head
+  probabilities.
+* :mod:`.ranker` - :class:`Ranker`: a stored run (``transact_jax.run.load_run``) -> ``score``, timing
+  and byte accounting.
 * :mod:`.batcher` - :class:`DynamicBatcher`: thread-safe dynamic batching with per-request futures,
   back-pressure and clean shutdown.
 """

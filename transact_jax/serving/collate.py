@@ -9,8 +9,9 @@ batch after truncation (sizes that pick the :class:`~.buckets.Bucket`); :func:`w
   lengths, and each candidate's ``cand_to_req`` shifted to its request's position in the batch;
 * broadcast (the naive baseline): each candidate's row gets a full copy of its request's sequences.
 
-Over-long sequences keep their most recent ``max_len`` tokens (SPEC §9's documented policy; the
-same truncation the logged-feature path applies), done here while copying.
+Over-long sequences (longer than ``SelectionConfig.max_lengths``) keep their most recent tokens (the
+truncation policy, docs/design.md "Truncation and over-long sequences"; the same truncation the
+logged-feature path applies), done here while copying.
 
 Padding (see :mod:`.buckets`): padding requests have length 0 and start at the end of the real
 tokens; padding candidates point at the first padding request, with zero features. Token slots past
@@ -28,10 +29,6 @@ from transact_jax.config import SelectionConfig
 from transact_jax.data.schema import JaggedSequences, RequestBatch
 from transact_jax.serving.buckets import Bucket, BucketConfig
 from transact_jax.serving.layout import FAMILIES
-
-
-def max_lengths(sel: SelectionConfig) -> Dict[str, int]:
-    return {"ll": sel.max_ll_len, "rt": sel.max_rt_len, "imp": sel.max_imp_len}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +59,7 @@ class BatchPlan:
 
 
 def plan(parts: Sequence[RequestBatch], sel: SelectionConfig) -> BatchPlan:
-    limits = max_lengths(sel)
+    limits = sel.max_lengths
     kept, total, longest, bcast = {}, {}, {}, {}
     for fam in FAMILIES:
         per_part = []

@@ -1,4 +1,4 @@
-"""The Ranker: scores ranking requests with full sequences on the accelerator (SPEC §7, paper §3.4).
+"""The Ranker: scores ranking requests with full sequences on the accelerator (paper §3.4).
 
 Path of a batch::
 
@@ -13,13 +13,15 @@ Options (:class:`RankerConfig`):
   5) and runs the NN search on the de-duplicated jagged layout; False is the baseline a naive server
   implements: every candidate carries its own copy of its request's sequences (the broadcast layout)
   and the NN search runs on those copies.
-* ``nn_impl``: "pallas" (the fused int8 NN-search kernel) or "xla" (the jnp reference); "auto" picks
-  "pallas" on a GPU and "xla" elsewhere (Pallas interpret mode is for tests, not for serving).
-* ``encoder_impl``: "skut" (the fused encoder kernel) or "xla"; "auto" as above. Overrides the
-  checkpoint's ``model.encoder_impl`` (both compute the same function of the same parameters).
+* ``nn_impl``: the ``impl`` of :func:`pallas_kernels.nn_search.api.nn_search`: "pallas_triton" (the
+  fused int8 NN-search kernel) or "xla" (the jnp reference); "auto" picks "pallas_triton" on a GPU
+  and "xla" elsewhere (Pallas interpret mode is for tests, not for serving).
+* ``encoder_impl``: the ``impl`` of :func:`pallas_kernels.skut.api.skut`: "pallas_triton" (the fused
+  SKUT encoder kernel) or "xla"; "auto" as above. Overrides the checkpoint's ``model.encoder_impl``
+  (both compute the same function of the same parameters).
 * ``pinned``: stage batches in pinned host memory (:mod:`.staging`; falls back off GPU).
 * ``buckets``: the shape ladders (:mod:`.buckets`); ``overlong``: "truncate" (keep the most recent
-  tokens, SPEC §9's policy) or "reject".
+  tokens, the policy of the logged-feature path) or "reject".
 
 Timing: ``score_batch(..., timing=True)`` waits for each phase (``block_until_ready``) and reports
 seconds for batch preparation (``prep``), pageable-to-pinned copy (``pin``, "pinned_copy" staging
@@ -32,19 +34,18 @@ per-bucket pool (``staging_slots`` deep), so up to that many batches of a bucket
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
+from pallas_kernels._common import IMPLS, resolve_impl
 from transact_jax.data.schema import RequestBatch
 from transact_jax.serving.buckets import Bucket, BucketConfig
 from transact_jax.serving.collate import BatchPlan, plan, write_broadcast, write_dedup
-from transact_jax.serving.forward import NN_IMPLS, make_forward
+from transact_jax.serving.forward import make_forward
 from transact_jax.serving.layout import ArenaLayout, layout_for
 from transact_jax.serving.staging import Stager, StagingInfo
 from transact_jax.serving.validation import (
@@ -56,11 +57,8 @@ from transact_jax.serving.validation import (
     select_requests,
     validate_request,
 )
-from transact_jax.train.checkpoint import Checkpointer
-from transact_jax.train.config import ExperimentConfig
-from transact_jax.train.state import init_state
-
-ENCODER_IMPLS = ("skut", "xla")
+from transact_jax.run.checkpoint import load_run
+from transact_jax.run.config import ExperimentConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +74,9 @@ class RankerConfig:
     staging_slots: int = 2
 
     def __post_init__(self):
-        if self.nn_impl not in NN_IMPLS + ("auto",):
-            raise ValueError(f"nn_impl: expected 'pallas', 'xla' or 'auto', got {self.nn_impl!r}")
-        if self.encoder_impl not in ENCODER_IMPLS + ("auto",):
-            raise ValueError(f"encoder_impl: expected 'skut', 'xla' or 'auto', got {self.encoder_impl!r}")
+        for name in ("nn_impl", "encoder_impl"):
+            if getattr(self, name) not in IMPLS:
+                raise ValueError(f"{name}: expected one of {IMPLS}, got {getattr(self, name)!r}")
         if self.overlong not in OVERLONG_POLICIES:
             raise ValueError(f"overlong: expected one of {OVERLONG_POLICIES}, got {self.overlong!r}")
         if self.staging_slots < 1:
@@ -87,11 +84,9 @@ class RankerConfig:
 
     def resolved(self, platform: str) -> "RankerConfig":
         """With "auto" replaced: kernels on a GPU, XLA elsewhere."""
-        kernels = platform == "gpu"
         return dataclasses.replace(
-            self, nn_impl=("pallas" if kernels else "xla") if self.nn_impl == "auto" else self.nn_impl,
-            encoder_impl=("skut" if kernels else "xla") if self.encoder_impl == "auto"
-            else self.encoder_impl)
+            self, nn_impl=resolve_impl(self.nn_impl, field="nn_impl", platform=platform),
+            encoder_impl=resolve_impl(self.encoder_impl, field="encoder_impl", platform=platform))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,24 +193,8 @@ class Ranker:
         itself; ``step`` defaults to the latest checkpoint. The config stored with the checkpoint
         is used (the encoder implementation is then chosen by ``encoder_impl``).
         """
-        directory = os.path.join(path, "checkpoints")
-        if not os.path.isdir(directory):
-            directory = path
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"path: no checkpoint directory at {path}")
-        ckpt = Checkpointer(directory)
-        try:
-            step = ckpt.latest_step() if step is None else step
-            if step is None:
-                raise FileNotFoundError(f"path: no checkpoint in {directory}")
-            saved = ckpt.manager.restore(step, args=ocp.args.Composite(
-                config=ocp.args.JsonRestore()))["config"]
-            cfg = ExperimentConfig.from_dict(saved)
-            _, template, _ = init_state(cfg)
-            state, _ = ckpt.restore(template, cfg, step)
-        finally:
-            ckpt.close()
-        return cls(cfg, state.params, config, device=device, **options)
+        run = load_run(path, step=step)
+        return cls(run.config, run.params, config, device=device, **options)
 
     # --------------------------------------------------------------------------------- properties
     @property

@@ -1,23 +1,23 @@
-"""Per-request validation at the serving boundary (SPEC §9).
+"""Per-request validation at the serving boundary.
 
 A batch handed to the Ranker may mix good and bad requests; a bad one must get its own clear error
-while the others are still scored. Checks come in two kinds:
+while the others are still scored. The rules themselves are the rule book of
+:mod:`transact_jax.data.request_rules` (the same rules as ``RequestBatch.validate``); this module adds
+what is specific to serving:
 
-* **structure** (:func:`check_structure`): types, dtypes, shapes, offsets and ``cand_to_req``. If
-  these are wrong the batch cannot be split into requests at all, so the whole call fails with a
-  :class:`~transact_jax.data.schema.SchemaError` naming the field. A single request submitted to the
-  batcher is checked the same way, and its structure errors become that request's error.
-* **content** (:func:`request_errors`): values of one request: action bits beyond the configured A
-  types, surface ids out of range, the unused int8 code -128 (embeddings), NaN/inf dense features,
-  categorical ids out of range, an empty candidate list, and (with ``overlong="reject"``) sequences
-  longer than the configured maximum. The checks run vectorized over the whole batch (a fast
-  min/max pass, then a per-token search only when something is wrong) and attribute each failure to
-  its request: a :class:`RequestError` per bad request, naming the request, field and problem.
-
-Over-long sequences (``overlong="truncate"``, the default and SPEC §9's documented policy) are not
-an error: they keep their most recent tokens, exactly as the logged-feature path does
-(``RequestBatch.truncate_recent``). Empty sequences are valid (their S_all segments are padding).
-Labels, if present, are ignored by serving.
+* **structure** (:func:`check_structure`, from the rule book): types, dtypes, shapes, offsets and
+  ``cand_to_req``. If these are wrong the batch cannot be split into requests at all, so the whole
+  call fails with a :class:`~transact_jax.data.schema.SchemaError` naming the field. A single request
+  submitted to the batcher is checked the same way, and its structure errors become that request's
+  error.
+* **content** (:func:`request_errors`): the rule book's per-request problems (action bits, surface
+  ids, the int8 code -128, NaN/inf dense features, categorical ids, and an empty candidate list),
+  each a :class:`RequestError` naming the request (index and ``request_id``), field and problem.
+* **over-long sequences**, by the ``overlong`` policy: ``"truncate"`` (the default) is not an error:
+  a sequence longer than its configured maximum keeps its most recent tokens, exactly as the
+  logged-feature path does (``RequestBatch.truncate_recent``); ``"reject"`` makes it the request's
+  error. Empty sequences are valid (their S_all segments are padding). Labels, if present, are
+  ignored by serving.
 """
 from __future__ import annotations
 
@@ -26,13 +26,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from transact_jax.config import FeatureConfig, SelectionConfig
-from transact_jax.data.schema import (
-    JaggedSequences,
-    RequestBatch,
-    SchemaError,
-    TokenFields,
-    check_array,
-)
+from transact_jax.data.request_rules import check_structure, request_problems
+from transact_jax.data.schema import JaggedSequences, RequestBatch, SchemaError
 
 OVERLONG_POLICIES = ("truncate", "reject")
 
@@ -51,126 +46,15 @@ class RequestError(SchemaError):
         return self.args[0]
 
 
-# ------------------------------------------------------------------------------------- structure
-
-def _expect(name: str, x, dtype, shape) -> None:
-    """``check_array`` with a fast path: the common valid case costs one comparison chain."""
-    if not (isinstance(x, np.ndarray) and x.dtype == dtype and x.shape == shape):
-        check_array(name, x, dtype, shape)   # raises, naming the field and the problem
-
-
-def _check_family(name: str, seqs, feat: FeatureConfig, u: int) -> None:
-    if not isinstance(seqs, JaggedSequences):
-        raise SchemaError(name, f"expected JaggedSequences, got {type(seqs).__name__}")
-    tok = seqs.tokens
-    if not isinstance(tok, TokenFields):
-        raise SchemaError(f"{name}.tokens", f"expected TokenFields, got {type(tok).__name__}")
-    offsets = seqs.offsets
-    _expect(f"{name}.offsets", offsets, np.int64, (u + 1,))
-    if offsets[0] != 0:
-        raise SchemaError(f"{name}.offsets", "must start with 0")
-    if u > 1 and np.any(offsets[1:] < offsets[:-1]):
-        raise SchemaError(f"{name}.offsets", "must be non-decreasing")
-    t = check_array(f"{name}.tokens.timestamps", tok.timestamps, np.int64, (None,)).shape[0]
-    if offsets[-1] != t:
-        raise SchemaError(f"{name}.offsets", f"last offset {offsets[-1]} != number of tokens {t}")
-    _expect(f"{name}.tokens.actions", tok.actions, feat.action_dtype, (t,))
-    _expect(f"{name}.tokens.surfaces", tok.surfaces, np.int16, (t,))
-    _expect(f"{name}.tokens.embeddings", tok.embeddings, np.int8, (t, feat.embedding_dim))
-
-
-def check_structure(batch: RequestBatch, feat: FeatureConfig) -> None:
-    """Types, dtypes, shapes, offsets and ``cand_to_req`` of a whole batch (module docstring)."""
-    if not isinstance(batch, RequestBatch):
-        raise SchemaError("requests", f"expected a RequestBatch, got {type(batch).__name__}")
-    u = check_array("user_id", batch.user_id, np.int64, (None,)).shape[0]
-    _expect("request_id", batch.request_id, np.int64, (u,))
-    _expect("request_timestamp", batch.request_timestamp, np.int64, (u,))
-    for name, seqs in batch.sequences():
-        _check_family(name, seqs, feat, u)
-    n = check_array("cand_item_id", batch.cand_item_id, np.int64, (None,)).shape[0]
-    _expect("cand_embedding", batch.cand_embedding, np.int8, (n, feat.embedding_dim))
-    c2r = batch.cand_to_req
-    _expect("cand_to_req", c2r, np.int32, (n,))
-    if n and (c2r.min() < 0 or c2r.max() >= u):
-        bad = c2r[(c2r < 0) | (c2r >= u)][0]
-        raise SchemaError("cand_to_req", f"value {bad} out of range [0, {u})")
-    _expect("dense", batch.dense, np.float32, (n, feat.num_dense))
-    _expect("categorical", batch.categorical, np.int32, (n, len(feat.categorical_vocab_sizes)))
-
-
-# --------------------------------------------------------------------------------------- content
-
-class _Errors:
-    """First error per request."""
-
-    def __init__(self, batch: RequestBatch):
-        self.batch = batch
-        self.errors: Dict[int, RequestError] = {}
-
-    def add(self, requests: np.ndarray, field: str, problem) -> None:
-        if not len(requests):
-            return
-        for r in np.unique(requests):
-            r = int(r)
-            if r not in self.errors:
-                text = problem(r) if callable(problem) else problem
-                self.errors[r] = RequestError(r, field, text, int(self.batch.request_id[r]))
-
-
-def _token_checks(errs: _Errors, name: str, seqs: JaggedSequences, feat: FeatureConfig) -> None:
-    tok = seqs.tokens
-    if not len(tok.actions):
-        return
-
-    def owners(bad_tokens: np.ndarray) -> np.ndarray:
-        return np.searchsorted(seqs.offsets, np.flatnonzero(bad_tokens), side="right") - 1
-
-    limit = 1 << feat.num_actions
-    if int(tok.actions.max()) >= limit:
-        errs.add(owners(tok.actions >= limit), f"{name}.tokens.actions",
-                 f"action bits beyond the {feat.num_actions} configured action types are set")
-    if int(tok.surfaces.view(np.uint16).max()) >= feat.num_surfaces:   # negative ids wrap high
-        errs.add(owners((tok.surfaces < 0) | (tok.surfaces >= feat.num_surfaces)),
-                 f"{name}.tokens.surfaces", f"surface id out of range [0, {feat.num_surfaces})")
-    if int(tok.embeddings.min()) == -128:
-        errs.add(owners((tok.embeddings == -128).any(axis=1)), f"{name}.tokens.embeddings",
-                 "int8 code -128 is outside the codec's [-127, 127]")
-
-
 def request_errors(batch: RequestBatch, feat: FeatureConfig, sel: SelectionConfig,
                    overlong: str = "truncate") -> Dict[int, RequestError]:
     """Content errors of each request of a structurally valid batch: ``{request index: error}``
-    (first problem found per request; module docstring lists the checks)."""
+    (the first problem found per request; module docstring)."""
     if overlong not in OVERLONG_POLICIES:
         raise ValueError(f"overlong: expected one of {OVERLONG_POLICIES}, got {overlong!r}")
-    errs = _Errors(batch)
-    limits = {"ll": sel.max_ll_len, "rt": sel.max_rt_len, "imp": sel.max_imp_len}
-    for name, seqs in batch.sequences():
-        if overlong == "reject":
-            lengths = seqs.lengths
-            over = np.flatnonzero(lengths > limits[name])
-            errs.add(over, name, lambda r, lengths=lengths, name=name: (
-                f"sequence has {lengths[r]} tokens, more than the configured maximum "
-                f"{limits[name]} (overlong='reject')"))
-        _token_checks(errs, name, seqs, feat)
-    c2r = batch.cand_to_req
-    counts = np.bincount(c2r, minlength=batch.num_requests)
-    errs.add(np.flatnonzero(counts == 0), "candidates",
-             "empty candidate list: the request has no candidates to rank")
-    if batch.num_candidates:
-        if int(batch.cand_embedding.min()) == -128:
-            errs.add(c2r[(batch.cand_embedding == -128).any(axis=1)], "cand_embedding",
-                     "int8 code -128 is outside [-127, 127]")
-        if batch.dense.size and not np.isfinite(batch.dense).all():
-            errs.add(c2r[~np.isfinite(batch.dense).all(axis=1)], "dense", "contains NaN/inf")
-        vocabs = np.asarray(feat.categorical_vocab_sizes, np.uint32)
-        if len(vocabs) and np.any(batch.categorical.view(np.uint32).max(axis=0) >= vocabs):
-            for c, vocab in enumerate(feat.categorical_vocab_sizes):   # negative ids wrap high
-                col = batch.categorical[:, c]
-                errs.add(c2r[(col < 0) | (col >= vocab)], f"categorical[:, {c}]",
-                         f"id out of range [0, {vocab})")
-    return dict(sorted(errs.errors.items()))
+    problems = request_problems(batch, feat, sel, lengths=overlong == "reject", labels=False,
+                                candidates=True)
+    return {r: RequestError(r, p.field, p.problem, int(batch.request_id[r])) for r, p in problems.items()}
 
 
 def validate_request(request: RequestBatch, feat: FeatureConfig, sel: SelectionConfig,

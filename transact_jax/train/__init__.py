@@ -1,4 +1,5 @@
-"""Training: configs, the jitted data-parallel train step, orbax checkpoints, the loop and evaluation.
+"""Training: the objective, the jitted data-parallel train step, the loop and evaluation.
 
-Builds on the data layer and the model; the model knows nothing of this package.
+Builds on the data layer, the model and the run layer (configs, train state, checkpoints); the
+model knows nothing of this package, and serving does not import it.
 """

@@ -1,4 +1,4 @@
-"""The training loop and evaluation over feature logs (SPEC §5).
+"""The training loop and evaluation over example sources (feature logs or any ``ExampleSource``).
 
 ``train(cfg, train_log, workdir=..., eval_log=...)`` runs ``cfg.train.steps`` jitted steps over the
 grain pipeline, with a progress bar (loss, examples/s), JSON-lines metrics (``metrics.jsonl``),
@@ -23,16 +23,17 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from transact_jax.data.feature_log import FeatureLog
 from transact_jax.data.pipeline import make_loader
 from transact_jax.data.schema import TrainingExamples
+from transact_jax.data.source import ExampleSource
 from transact_jax.eval.metrics import MetricAccumulator
 from transact_jax.model.inputs import ModelInputs
-from transact_jax.train.checkpoint import Checkpointer
-from transact_jax.train.config import ExperimentConfig
+from transact_jax.model.builder import ModelDef
+from transact_jax.run.checkpoint import Checkpointer
+from transact_jax.run.config import ExperimentConfig
+from transact_jax.run.state import TrainState, init_state
 from transact_jax.train.objective import Targets
-from transact_jax.train.state import (
-    ModelDef, TrainState, data_mesh, init_state, make_predict, make_train_step, replicate, shard_batch)
+from transact_jax.train.step import data_mesh, make_predict, make_train_step, replicate, shard_batch
 
 
 @dataclasses.dataclass
@@ -57,12 +58,13 @@ def _local_batch_size(global_batch: int) -> int:
     return global_batch // jax.process_count()
 
 
-def train(cfg: ExperimentConfig, train_log: FeatureLog, *, workdir: Optional[str] = None,
-          eval_log: Optional[FeatureLog] = None, resume: bool = True, progress: bool = True,
+def train(cfg: ExperimentConfig, train_log: ExampleSource, *, workdir: Optional[str] = None,
+          eval_log: Optional[ExampleSource] = None, resume: bool = True, progress: bool = True,
           stop_after: Optional[int] = None,
           on_step: Optional[Callable[[int, Dict[str, float]], None]] = None) -> TrainResult:
-    """Train ``cfg`` on ``train_log`` (a :class:`FeatureLog` written with the same feature and
-    selection configs).
+    """Train ``cfg`` on ``train_log``, any random-access source of examples with the same feature
+    and selection configs (a :class:`~transact_jax.data.feature_log.FeatureLog`, an in-memory
+    :class:`~transact_jax.data.source.InMemoryExamples`, ...).
 
     Args:
       workdir: where ``metrics.jsonl`` and ``checkpoints/`` go (None: no files, no resume).
@@ -94,11 +96,12 @@ def train(cfg: ExperimentConfig, train_log: FeatureLog, *, workdir: Optional[str
     if ckpt is not None and ckpt.latest_step() is not None:
         if resume:
             try:
-                state, data_state = ckpt.restore(state, cfg)
+                loaded = ckpt.load(expect=cfg)
             except Exception:
                 ckpt.close()
                 raise
-            it.set_state(data_state)
+            state = loaded.state
+            it.set_state(loaded.data_state)
         else:  # start over: the old run's checkpoints would shadow this run's (same step numbers)
             ckpt.clear()
     state = replicate(state, mesh)
@@ -166,7 +169,7 @@ def _write(f, record: Dict[str, Any]) -> None:
         f.flush()
 
 
-def predict_log(cfg: ExperimentConfig, mdef: ModelDef, params, log: FeatureLog,
+def predict_log(cfg: ExperimentConfig, mdef: ModelDef, params, log: ExampleSource,
                 batch_size: int = 4096):
     """Yield ``(probs (n, H), examples)`` over ``log`` in stored order (last batch padded on device,
     trimmed on return)."""
@@ -175,7 +178,7 @@ def predict_log(cfg: ExperimentConfig, mdef: ModelDef, params, log: FeatureLog,
     predict = make_predict(mdef, mesh)
     params = replicate(params, mesh)
     for start in range(0, len(log), batch_size):
-        ex = log.read_range(start, min(start + batch_size, len(log)))
+        ex = log.read(np.arange(start, min(start + batch_size, len(log))))
         n = len(ex)
         padded = ex if n == batch_size else ex.select(np.concatenate(
             [np.arange(n), np.zeros(batch_size - n, np.int64)]))
@@ -184,9 +187,9 @@ def predict_log(cfg: ExperimentConfig, mdef: ModelDef, params, log: FeatureLog,
         yield probs, ex
 
 
-def evaluate(cfg: ExperimentConfig, mdef: ModelDef, params, log: FeatureLog, ks=(3,),
+def evaluate(cfg: ExperimentConfig, mdef: ModelDef, params, log: ExampleSource, ks=(3,),
              batch_size: int = 4096) -> Dict[str, float]:
-    """HIT@K / AUC / NE per head over a whole feature log (SPEC §5, paper §4.2.1)."""
+    """HIT@K / AUC / NE per head over a whole example source (paper §4.2.1)."""
     acc = MetricAccumulator(cfg.feature.heads, cfg.train.ranking_weights, ks=ks, ties="average")
     for probs, ex in predict_log(cfg, mdef, params, log, batch_size):
         acc.add(probs, ex.labels, ex.user_id, ex.request_id)

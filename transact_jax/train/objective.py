@@ -1,4 +1,4 @@
-"""The training objective on a batch: eq. 7, ``L = L_CE + w_NAL * L_NAL`` (SPEC §4).
+"""The training objective on a batch: eq. 7, ``L = L_CE + w_NAL * L_NAL`` (paper §3.3).
 
 :class:`Targets` holds what the loss reads besides the model inputs. The positives of the Next
 Action Loss come from the model inputs themselves: p(t+1) is the S_all token after slot t of the
@@ -18,7 +18,7 @@ from transact_jax.data.schema import TrainingExamples
 from transact_jax.model.inputs import ModelInputs
 from transact_jax.model.losses import in_batch_negatives, multi_head_bce, nal_loss, next_slot
 from transact_jax.model.ranking import ModelOutput
-from transact_jax.train.config import ExperimentConfig
+from transact_jax.run.config import ExperimentConfig
 
 
 @jax.tree_util.register_dataclass

@@ -1,14 +1,24 @@
-"""Frozen training configuration and the experiment bundle (SPEC §4-5)."""
+"""Frozen training configuration and the experiment bundle.
+
+``ExperimentConfig`` is everything that defines a run: the :class:`~transact_jax.config.FeatureConfig`,
+the :class:`~transact_jax.config.SelectionConfig` of S_all, the
+:class:`~transact_jax.model.config.ModelConfig` and the :class:`TrainConfig`. It is stored with every
+checkpoint and can be written to / read from JSON (``to_json`` / ``from_json``; missing fields keep
+their defaults, unknown fields are refused with the dotted field name).
+"""
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Dict, Tuple
 
 from transact_jax.config import FeatureConfig, SelectionConfig
+from transact_jax.config_json import config_from_dict, config_from_json, config_to_dict, config_to_json
 from transact_jax.model.config import ModelConfig
+from transact_jax.model.sequence import sequence_model_entry
 
 NAL_NEGATIVES = ("none", "impression", "in_batch")
+LEGACY_VALUES = {"model.encoder_impl": {"skut": "pallas_triton"}}
+"""Values renamed since configs were first stored (read from old checkpoints and JSON files)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,38 +99,23 @@ class ExperimentConfig:
         for name in ("head_loss_weights", "ranking_weights"):
             if len(getattr(self.train, name)) != h:
                 raise ValueError(f"train.{name}: need {h} weights for heads {self.feature.heads}")
-        if self.train.uses_nal and (self.model.sequence_model != "transact"
+        if self.train.uses_nal and (not sequence_model_entry(self.model.sequence_model).next_action_loss
                                     or "rt_recent" not in self.model.segments):
-            raise ValueError("train.nal_negatives: the Next Action Loss needs sequence_model="
-                             "'transact' reading the 'rt_recent' segment")
+            raise ValueError("train.nal_negatives: the Next Action Loss needs a sequence model that "
+                             "produces P u(t) (e.g. 'transact') reading the 'rt_recent' segment")
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        return config_to_dict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        return config_to_json(self)
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "ExperimentConfig":
-        """Build from a (possibly partial) nested dict; missing fields keep their defaults."""
-        sub = {"feature": FeatureConfig, "selection": SelectionConfig, "model": ModelConfig,
-               "train": TrainConfig}
-        kwargs: Dict[str, Any] = {}
-        for key, value in d.items():
-            if key in sub:
-                known = {f.name for f in dataclasses.fields(sub[key])}
-                unknown = set(value) - known
-                if unknown:
-                    raise ValueError(f"{key}: unknown fields {sorted(unknown)}")
-                kwargs[key] = sub[key](**{k: tuple(v) if isinstance(v, list) else v
-                                          for k, v in value.items()})
-            elif key == "name":
-                kwargs[key] = value
-            else:
-                raise ValueError(f"unknown config section {key!r}")
-        return cls(**kwargs)
+        """Build from a (possibly partial) nested dict; missing fields keep their defaults.
+        Problems raise :class:`~transact_jax.config_json.ConfigError` naming the dotted field."""
+        return config_from_dict(cls, d, aliases=LEGACY_VALUES)
 
     @classmethod
     def from_json(cls, path: str) -> "ExperimentConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        return config_from_json(cls, path, aliases=LEGACY_VALUES)

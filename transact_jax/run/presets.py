@@ -1,4 +1,4 @@
-"""The models of the paper's Table 2 as configurations of one code path (SPEC §3).
+"""The models of the paper's Table 2 as configurations of one code path.
 
 =========================  ==============================  ============================
 preset                     sequence model / S_all segments  Next Action Loss
@@ -21,7 +21,7 @@ import dataclasses
 from typing import Dict
 
 from transact_jax.model.config import ALL_SEGMENTS, ModelConfig
-from transact_jax.train.config import ExperimentConfig
+from transact_jax.run.config import ExperimentConfig
 
 RT_SEGMENTS = ("rt_recent", "rt_nn")
 

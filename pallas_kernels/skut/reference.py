@@ -1,8 +1,8 @@
-"""Pure-jnp reference of the TransAct V2 transformer encoder (SPEC §3; paper §3.2.2, Figure 3).
+"""Pure-jnp reference of the TransAct V2 transformer encoder (paper §3.2.2, Figure 3).
 
 This is the contract of SKUT ("single kernel unified transformer", paper §3.4.2), the fused Pallas
-kernel that computes all layers in one launch. The model's XLA path calls this function directly, so
-the kernel can drop in (``encoder_impl="skut"``).
+kernel that computes all layers in one launch (:mod:`pallas_kernels.skut.pallas_triton`); it is also
+the ``impl="xla"`` implementation of :func:`pallas_kernels.skut.api.skut`.
 
 Layer semantics are exactly those of ``torch.nn.TransformerEncoderLayer(d_model, nhead,
 dim_feedforward, activation="relu", batch_first=True, norm_first=False)`` (post-LayerNorm)::

@@ -1,4 +1,4 @@
-"""Pure-jnp reference of the nearest-neighbour (NN) token selection (paper §3.2.2, eq. 3; SPEC §2).
+"""Pure-jnp reference of the nearest-neighbour (NN) token selection (paper §3.2.2, eq. 3).
 
 For a candidate item ``c`` and a user sequence ``S`` of int8 embeddings, ``NN(S, c; K)`` keeps the K
 tokens whose embeddings are most similar to the candidate's:
@@ -14,16 +14,19 @@ tokens whose embeddings are most similar to the candidate's:
 
 Sequences are dense and left-aligned: ``seq[u, :lengths[u]]`` is valid. Candidates are mapped to the
 sequence of their request by ``cand_to_req`` (the de-duplicated, "broadcast-free" layout of paper
-§3.4.2: one copy of each request's sequence, many candidates pointing at it).
+§3.4.2: one copy of each request's sequence, many candidates pointing at it); without
+``cand_to_req``, candidate n owns sequence n (the broadcast layout, U == N).
 
-This module is the semantic contract that the fused Pallas kernel (``nn_search``) must match. It
-favours clarity over speed; :func:`nn_search_grouped_reference` is the faster layout for the case
-where every request has the same number of candidates (used for offline feature logging).
+This module is the semantic contract that the fused Pallas kernel
+(:mod:`pallas_kernels.nn_search.pallas_triton`) must match, and the ``impl="xla"`` implementation
+of :func:`pallas_kernels.nn_search.api.nn_search`. It favours clarity over speed;
+:func:`nn_search_grouped_reference` is the faster layout for the case where every request has the
+same number of candidates (used for offline feature logging).
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +76,7 @@ def nn_search_reference(
     seq_q: jax.Array,
     lengths: jax.Array,
     cand: jax.Array,
-    cand_to_req: jax.Array,
+    cand_to_req: Optional[jax.Array] = None,
     *,
     k: int,
     scale: float = QUANT_SCALE,
@@ -84,7 +87,8 @@ def nn_search_reference(
       seq_q: (U, L, D) int8 embedding codes, one sequence per request, left-aligned.
       lengths: (U,) int number of valid tokens of each sequence (0 allowed).
       cand: (N, D) float candidate embeddings (any float dtype; computed in float32).
-      cand_to_req: (N,) int index of each candidate's request in ``[0, U)``.
+      cand_to_req: (N,) int index of each candidate's request in ``[0, U)``; ``None``: candidate
+        n owns sequence n (U == N, the broadcast layout; no gather of the sequences).
       k: K, tokens kept per candidate.
       scale: int8 quantization scale (0.65 in the paper).
 
@@ -93,11 +97,17 @@ def nn_search_reference(
     """
     seq = normalized_sequence(seq_q, scale)                    # (U, L, D)
     c = l2_normalize(cand.astype(jnp.float32))                 # (N, D)
+    valid = _valid_mask(lengths, seq_q.shape[1])               # (U, L)
+    if cand_to_req is None:
+        if cand.shape[0] != seq_q.shape[0]:
+            raise ValueError(f"cand: without cand_to_req, candidate n owns sequence n: expected "
+                             f"{seq_q.shape[0]} candidates (U), got {cand.shape[0]}")
+    else:
+        seq, valid = seq[cand_to_req], valid[cand_to_req]      # (N, L, D), (N, L)
     # Elementwise product + sum, not a dot: XLA tiles dots so that rows in a remainder tile are
     # summed in a different order, and identical tokens would then get scores one ulp apart,
     # breaking the "ties to the lower index" rule. The reduction is position-invariant.
-    scores = jnp.sum(c[:, None, :] * seq[cand_to_req], axis=-1)        # (N, L)
-    valid = _valid_mask(lengths, seq_q.shape[1])[cand_to_req]
+    scores = jnp.sum(c[:, None, :] * seq, axis=-1)             # (N, L)
     return masked_top_k(scores, valid, k)
 
 

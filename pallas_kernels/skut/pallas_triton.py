@@ -1,9 +1,11 @@
 """SKUT: the whole TransAct V2 encoder in one Pallas (Triton backend) kernel (paper §3.4.2).
 
-"Single kernel unified transformer": every layer of :func:`pallas_kernels.skut_reference.skut_reference`
+"Single kernel unified transformer": every layer of :func:`pallas_kernels.skut.reference.skut_reference`
 (QKV in-projection, causal + key-padding masked softmax attention, out-projection, residual +
-LayerNorm, ReLU FFN, residual + LayerNorm) runs inside one ``pallas_call``. The reference is the
-contract; this module only decides *where* each value lives.
+LayerNorm, ReLU FFN, residual + LayerNorm; ``torch.nn.TransformerEncoderLayer`` post-LN semantics)
+runs inside one ``pallas_call``. The reference is the contract; this module only decides *where*
+each value lives. It is the forward pass only: :mod:`pallas_kernels.skut.vjp` makes it
+differentiable and :func:`pallas_kernels.skut.api.skut` is the entry point callers use.
 
 Layout of the computation
 -------------------------
@@ -40,7 +42,7 @@ products (not TF32), like the reference under ``precision="highest"``. The flash
 *unnormalized* probabilities to the input dtype before ``P V`` (the reference rounds normalized ones),
 which moves bf16 results by about one bf16 ulp.
 
-Shared memory (the A10G budget, 101,376 B per block): Triton stages the operands of each ``dot``
+Shared memory (the A10G budget, ``pallas_kernels._common.A10G_SMEM_BYTES`` = 101,376 B per block): Triton stages the operands of each ``dot``
 through shared memory; nothing else is allocated there. ``bench/skut.py`` reports, for every
 configuration :meth:`SkutConfig.default` can return, the figure Triton reports for the compiled kernel
 (sm_90a, on the GPU machine) and for the same Triton IR compiled for sm_86.
@@ -50,79 +52,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Literal, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import check_tiling, default_interpret, is_pow2, next_pow2
-from pallas_kernels.skut_reference import EncoderWeights, skut_reference
-
-A10G_SMEM_BYTES = 101_376
-"""Shared memory one block may use on an A10G (sm_86): 99 KiB."""
+from pallas_kernels._common import default_interpret, is_pow2
+from pallas_kernels.skut.config import SkutConfig
+from pallas_kernels.skut.reference import EncoderWeights
 
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-
-MAX_RESIDENT_TILES = 8
-"""Longest sequence, in tiles, that the resident (whole sequence on chip) variant unrolls."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SkutConfig:
-    """Tiling of the SKUT kernel.
-
-    Attributes:
-      block_q: query rows per tile (power of two, >= 16).
-      block_k: key rows per tile (power of two, >= 16); the resident variant uses ``block_q``.
-      num_warps: warps per program (Triton).
-      num_stages: software-pipelining stages of the loops (Triton).
-      resident: keep the whole sequence on chip (unrolled tiles; needs ``ceil(L / block_q) <=
-        MAX_RESIDENT_TILES``) instead of streaming query tiles with a ping-pong buffer. Slower than
-        streaming on an H100 (register spills); float32 with 64-row tiles is refused (its Triton
-        compile did not finish within 5 minutes there); never chosen by :meth:`default`.
-    """
-
-    block_q: int = 64
-    block_k: int = 64
-    num_warps: int = 4
-    num_stages: int = 1
-    resident: bool = False
-
-    def __post_init__(self) -> None:
-        check_tiling(self, ("block_q", "block_k"))
-
-    def check(self, length: int, dtype) -> None:
-        """Raise if this config cannot run sequences of ``length`` in ``dtype``."""
-        tiles = -(-length // self.block_q)
-        if self.resident and tiles > MAX_RESIDENT_TILES:
-            raise ValueError(f"SkutConfig.resident: L={length} is {tiles} tiles of {self.block_q} "
-                             f"rows, more than MAX_RESIDENT_TILES={MAX_RESIDENT_TILES}")
-        if self.resident and self.block_q >= 64 and jnp.dtype(dtype) == jnp.float32:
-            raise ValueError("SkutConfig.resident: float32 with 64-row tiles is not supported (its "
-                             "Triton compile did not finish in 5 minutes on an H100); use "
-                             "block_q <= 32 or the streaming variant")
-
-    @classmethod
-    def default(cls, length: int, d_model: int = 64, dtype=jnp.bfloat16) -> "SkutConfig":
-        """Heuristic per shape (tuned on an H100 with ``bench/skut.py --tune``).
-
-        64-row tiles (16 for float32: its operand tiles are twice as large, and 32-row float32 tiles
-        take 106,496 B of shared memory, over the A10G budget), never larger than the
-        power-of-two rounded sequence, so L = 7 does not compute a 64-row tile that is mostly
-        masked; 4 warps, no pipelining; the streaming variant. On an H100 at B = 256 (bf16) the
-        streaming variant with 64-row tiles and 4 warps was the fastest of 18 configurations at
-        L = 192 (86 us; the resident variant 188 us: its unrolled tiles spill registers) and within
-        noise of the best at L = 64 (``bench/results/skut_tune_log.txt``).
-        """
-        del d_model
-        cap = 16 if jnp.dtype(dtype) == jnp.float32 else 64
-        block = max(16, min(cap, next_pow2(max(length, 1))))
-        return cls(block_q=block, block_k=block, num_warps=4, num_stages=1, resident=False)
 
 
 def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -367,56 +309,21 @@ def _validate(x: jax.Array, mask: jax.Array, weights: EncoderWeights, num_heads:
         raise ValueError("x: sequence length must be >= 1")
 
 
-@functools.partial(jax.jit, static_argnames=("num_heads", "causal", "eps", "config", "interpret"))
-def skut(x: jax.Array, mask: jax.Array, weights: EncoderWeights, *, num_heads: int = 1,
-         causal: bool = True, eps: float = 1e-5, config: Optional[SkutConfig] = None,
-         interpret: Optional[bool] = None) -> jax.Array:
+def skut_pallas_triton(x: jax.Array, mask: jax.Array, weights: EncoderWeights, *,
+                       num_heads: int = 1, causal: bool = True, eps: float = 1e-5,
+                       config: Optional[SkutConfig] = None,
+                       interpret: Optional[bool] = None) -> jax.Array:
     """All encoder layers on ``x`` (B, L, d) with key-padding ``mask`` (B, L) in one kernel.
 
-    Same contract as :func:`~pallas_kernels.skut_reference.skut_reference` at inference (no
-    dropout): returns (B, L, d) in ``x.dtype``. ``config`` defaults to
-    :meth:`SkutConfig.default` for the shape; ``interpret`` defaults to True when no GPU backend
-    is present (Pallas interpret mode, for CPU tests).
-
-    Differentiable: the forward pass is the kernel, the backward pass is XLA's autodiff of the
-    reference (recomputed), so a model can train with ``encoder_impl="skut"`` (without dropout).
+    Same contract as :func:`~pallas_kernels.skut.reference.skut_reference` at inference (no
+    dropout): returns (B, L, d) in ``x.dtype``. ``x`` is float32, bfloat16 or float16; ``mask`` bool
+    or integer (nonzero: a valid token); d_model, dim_feedforward and the head width must be powers
+    of two >= 16 (Triton tile sizes). ``config`` defaults to :meth:`SkutConfig.default` for the
+    shape; ``interpret`` defaults to True when no GPU backend is present (Pallas interpret mode,
+    for CPU tests). Forward only (not differentiable): see :mod:`pallas_kernels.skut.vjp`. Inputs
+    are validated here; errors name the argument.
     """
     _validate(x, mask, weights, num_heads)
-    static = dict(num_heads=num_heads, causal=causal, eps=eps, config=config, interpret=interpret)
-    return _skut_vjp(x, mask, weights, tuple(sorted(static.items())))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _skut_vjp(x, mask, weights, static):
-    return _skut_forward(x, mask, weights, **dict(static))
-
-
-def _skut_vjp_fwd(x, mask, weights, static):
-    return _skut_forward(x, mask, weights, **dict(static)), (x, mask, weights)
-
-
-def _skut_vjp_bwd(static, residuals, grad):
-    x, mask, weights = residuals
-    kw = dict(static)
-
-    def ref(x_, w_):
-        return skut_reference(x_, mask, w_, num_heads=kw["num_heads"], causal=kw["causal"],
-                              eps=kw["eps"])
-
-    _, pullback = jax.vjp(ref, x, weights)
-    dx, dw = pullback(grad)
-    mask_grad = (None if not jnp.issubdtype(mask.dtype, jnp.inexact) else jnp.zeros_like(mask))
-    if mask_grad is None:
-        mask_grad = np.zeros(mask.shape, jax.dtypes.float0)
-    return dx, mask_grad, dw
-
-
-_skut_vjp.defvjp(_skut_vjp_fwd, _skut_vjp_bwd)
-
-
-def _skut_forward(x: jax.Array, mask: jax.Array, weights: EncoderWeights, *, num_heads: int = 1,
-         causal: bool = True, eps: float = 1e-5, config: Optional[SkutConfig] = None,
-         interpret: Optional[bool] = None) -> jax.Array:
     batch, length, d = x.shape
     config = config or SkutConfig.default(length, d, x.dtype)
     config.check(length, x.dtype)
@@ -424,14 +331,10 @@ def _skut_forward(x: jax.Array, mask: jax.Array, weights: EncoderWeights, *, num
     cdt = x.dtype
     mask_i = mask if mask.dtype in (jnp.int8, jnp.int32) else mask.astype(jnp.int8)
     # Weights go in as they are (the kernel casts matrices to the compute dtype in registers), so
-    # the jitted call is the kernel plus at most a dtype conversion of the mask.
-    mats = [weights.w_qkv, weights.w_o, weights.w_1, weights.w_2]
-    vecs = [w for w in (weights.b_qkv, weights.b_o, weights.ln1_scale,
-                                            weights.ln1_bias, weights.b_1, weights.b_2,
-                                            weights.ln2_scale, weights.ln2_bias)]
-    w_qkv, w_o, w_1, w_2 = mats
-    b_qkv, b_o, ln1_s, ln1_b, b_1, b_2, ln2_s, ln2_b = vecs
-    params = (w_qkv, b_qkv, w_o, b_o, ln1_s, ln1_b, w_1, b_1, w_2, b_2, ln2_s, ln2_b)
+    # the jitted call is the kernel plus at most a dtype conversion of the mask. Order: _load_layer.
+    params = (weights.w_qkv, weights.b_qkv, weights.w_o, weights.b_o, weights.ln1_scale,
+              weights.ln1_bias, weights.w_1, weights.b_1, weights.w_2, weights.b_2,
+              weights.ln2_scale, weights.ln2_bias)
     num_layers = weights.num_layers
 
     def whole(a):
@@ -460,15 +363,4 @@ def _skut_forward(x: jax.Array, mask: jax.Array, weights: EncoderWeights, *, num
     return outs[0]
 
 
-def transformer_encoder(x: jax.Array, mask: jax.Array, weights: EncoderWeights, *,
-                        impl: Literal["pallas", "xla"] = "pallas", num_heads: int = 1,
-                        causal: bool = True, eps: float = 1e-5,
-                        config: Optional[SkutConfig] = None,
-                        interpret: Optional[bool] = None) -> jax.Array:
-    """Dispatcher: ``impl="pallas"`` runs :func:`skut`, ``impl="xla"`` the jnp reference."""
-    if impl == "pallas":
-        return skut(x, mask, weights, num_heads=num_heads, causal=causal, eps=eps, config=config,
-                    interpret=interpret)
-    if impl == "xla":
-        return skut_reference(x, mask, weights, num_heads=num_heads, causal=causal, eps=eps)
-    raise ValueError(f"impl: expected 'pallas' or 'xla', got {impl!r}")
+__all__ = ["skut_pallas_triton"]

@@ -1,8 +1,11 @@
 """Fused, broadcast-free int8 NN search in one Pallas (Triton backend) kernel (paper §3.4.2).
 
-Computes exactly :func:`pallas_kernels.nn_search_reference.nn_search_reference` (SPEC §2): for every
-candidate, the K tokens of its request's sequence with the highest cosine score, ties to the lower
+Computes exactly :func:`pallas_kernels.nn_search.reference.nn_search_reference`: for every
+candidate, the K tokens of its request's sequence with the highest cosine score (dequantized,
+L2-normalized tokens ``x / max(||x||, 1e-12)`` against the normalized candidate), ties to the lower
 index, padding never selected, returned in chronological order with ``-1`` / ``-inf`` padding.
+Callers use :func:`pallas_kernels.nn_search.api.nn_search`; this module is the jagged-layout kernel
+(:func:`nn_search_pallas_triton`).
 
 Inputs are de-duplicated: one copy of each request's int8 sequence (jagged, ``offsets``) and a
 candidate -> request index, so no sequence is ever broadcast per candidate. The kernel reads the
@@ -61,8 +64,13 @@ lower index" is "top K by (key, -index)". One program per block runs five steps:
    near-equal scores: a zero candidate, one token repeated hundreds of times), the block instead
    runs the radix select (4-bit digits: 8 passes) over the whole sequence, re-scoring every token
    on each pass, then a selection pass. Exact, about 7x slower (2.6 ms instead of 0.38 ms at
-   the benchmark's headline shape when every block takes it: ``--profile``), rare. Blocks that do not
-   overflow run it with zero trips: no branch reads anything back to the host.
+   the benchmark's headline shape when every block takes it: ``bench/nn_search.py --profile``),
+   rare. Blocks that do not overflow run it with zero trips: no branch reads anything back to the
+   host.
+
+The kernel body is composed of step functions (``_steps_bound``: steps 1-2, ``_step_collect``:
+step 3, then 4-5); :mod:`pallas_kernels.nn_search.profile` builds its own kernel from the same
+steps to time the kernel stopped after step 2 / 3, so the shipped kernel has no profiling branch.
 
 A row with fewer than K valid tokens never finds a digit (every count < K), keeps T* = INT32_MIN,
 which no valid key equals, and selects all its valid tokens.
@@ -83,7 +91,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -91,74 +99,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import check_tiling, default_interpret, is_pow2, next_pow2
+from pallas_kernels._common import default_interpret, is_pow2, next_pow2
 from pallas_kernels.int8_codec import QUANT_SCALE
-from pallas_kernels.nn_search_reference import PAD_INDEX, nn_search_reference
+from pallas_kernels.nn_search.config import MAX_K, NNSearchConfig
+from pallas_kernels.nn_search.reference import PAD_INDEX
 
-MAX_K = 128
-"""Largest K the kernel supports."""
 _BOUND_BITS = 16
 """Key bits T_lo resolves (sign, exponent, 7 mantissa bits): a bound within ~1% of the K-th bin
 maximum at half the cost of an exact one."""
 _INT32_MIN = -(2 ** 31)
 _NORM_EPS = 1e-12
-
-
-@dataclasses.dataclass(frozen=True)
-class NNSearchConfig:
-    """Tiling of the NN-search kernel.
-
-    Attributes:
-      block_c: candidates per program, all from one request (power of two, >= 16).
-      block_t: sequence tokens per tile (power of two, >= 16).
-      num_warps: warps per program (Triton).
-      num_stages: software-pipelining stages of the token loops (Triton).
-      radix_bits: bits per radix-select digit over bins and survivors (1, 2 or 4; each digit
-        costs ``2**bits - 1`` counts, packed into fewer cross-thread reductions; one bit per
-        step measured fastest on an H100).
-      scores: how tiles are scored: ``"bf16x3"`` on tensor cores (the candidate split into three
-        bfloat16 pieces; int8 codes are exact in bfloat16) or ``"fma"`` (float32 FMA).
-      bins: W, the bins of the step-1 bound (0: ``max(2 * next_pow2(K), block_t)``); a power of
-        two >= ``block_t`` and >= K (fewer bins than K bound nothing).
-      survivors: capacity of the per-row survivor buffer (0: ``max(2 * next_pow2(K), 64)``; else a
-        power of two >= 16). A block with a row over it takes the exact fallback (step 5).
-      unroll: tiles per trip of the collect loop (independent tiles in flight; >= 1).
-    """
-
-    block_c: int = 16
-    block_t: int = 128
-    num_warps: int = 4
-    num_stages: int = 2
-    radix_bits: int = 1
-    scores: Literal["bf16x3", "fma"] = "bf16x3"
-    bins: int = 0
-    survivors: int = 0
-    unroll: int = 2
-
-    def __post_init__(self) -> None:
-        check_tiling(self, ("block_c", "block_t"))
-        if self.survivors and (not is_pow2(self.survivors) or self.survivors < 16):
-            raise ValueError(f"NNSearchConfig.survivors: expected 0 or a power of two >= 16, got "
-                             f"{self.survivors}")
-        if self.radix_bits not in (1, 2, 4):
-            raise ValueError(f"NNSearchConfig.radix_bits: expected 1, 2 or 4, got {self.radix_bits}")
-        if self.scores not in ("bf16x3", "fma"):
-            raise ValueError(f"NNSearchConfig.scores: expected 'bf16x3' or 'fma', got "
-                             f"{self.scores!r}")
-        if self.unroll < 1:
-            raise ValueError(f"NNSearchConfig.unroll: expected >= 1, got {self.unroll}")
-        if self.bins and (not is_pow2(self.bins) or self.bins < self.block_t):
-            raise ValueError(f"NNSearchConfig.bins: expected 0 or a power of two >= block_t "
-                             f"({self.block_t}), got {self.bins}")
-
-    def resolve(self, k: int) -> Tuple[int, int]:
-        """(bins, survivors) for top-``k``: defaults filled in, bins checked against ``k``."""
-        k_pad = next_pow2(k)
-        bins = self.bins or max(2 * k_pad, self.block_t)
-        if bins < k:
-            raise ValueError(f"NNSearchConfig.bins: {bins} bins cannot bound the top {k}; "
-                             f"use at least {next_pow2(k)}")
-        return bins, self.survivors or max(2 * k_pad, 64)
 
 
 # ----------------------------------------------------------------------------- in-kernel helpers
@@ -458,35 +408,69 @@ def _fallback(blk: _Block, seq_ref, idx_ref, score_ref, active, *, k: int, block
     _store_padding(blk, idx_ref, score_ref, k, written, jnp.broadcast_to(active, (block_c,)))
 
 
-def _nn_search_kernel(block_req_ref, slots_ref, offsets_ref, lengths_ref, seq_ref, cand_ref,
-                      inv_ref, idx_ref, score_ref, key_buf, idx_buf, *, k: int, bins: int,
-                      capacity: int, block_c: int, block_t: int, trash: bool, scores: str,
-                      radix_bits: int, unroll: int, phases: int):
-    """One program: one block of <= ``block_c`` candidates of one request, steps 1-5 of the
-    module docstring. ``key_buf``/``idx_buf`` are the survivor buffers (scratch in global memory,
-    ``capacity`` columns per candidate row). ``phases`` < 3 stops after step 2 / 3 (profiling:
-    T_lo / the survivor counts go to ``idx_ref`` column 0 instead of the results)."""
+class _Refs(NamedTuple):
+    """The refs of one program, in ``pallas_call`` order: inputs (block table, request table,
+    sequence, candidates, inverse norms), outputs (indices, scores) and the survivor buffers
+    (scratch outputs in global memory, ``capacity`` columns per candidate row)."""
+
+    block_req: object
+    slots: object
+    offsets: object
+    lengths: object
+    seq: object
+    cand: object
+    inv: object
+    idx: object
+    score: object
+    key_buf: object
+    idx_buf: object
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Compile-time parameters of a launch (see :func:`_launch`)."""
+
+    k: int
+    bins: int
+    capacity: int
+    block_c: int
+    block_t: int
+    trash: bool           # interpret mode: masked-off scatter lanes go to spare targets
+    scores: str
+    radix_bits: int
+    unroll: int
+
+
+def _steps_bound(r: _Refs, st: _Static):
+    """Program ``p``'s block and steps 1-2: returns (block, T_lo)."""
     p = pl.program_id(0)
-    n_out = idx_ref.shape[0] - (block_c if trash else 0)
-    blk = _load_block(p, block_req_ref, slots_ref, offsets_ref, lengths_ref, cand_ref, inv_ref,
-                      n_out, block_c=block_c, block_t=block_t, trash=trash, scores=scores)
-    ms = _bound(blk, seq_ref, bins=bins, block_c=block_c, block_t=block_t)
-    t_lo = _threshold(ms, k=k, block_c=block_c, radix_bits=radix_bits)
-    buf_rows = p * block_c + blk.rows
-    col0 = jnp.zeros((1, 1), jnp.int32)
-    if phases == 1:
-        plgpu.store(idx_ref.at[blk.out_rows, col0], t_lo[:, None], mask=blk.row_ok[:, None])
-        return
-    found = _collect(blk, seq_ref, t_lo, key_buf, idx_buf, buf_rows, capacity=capacity,
-                     block_c=block_c, block_t=block_t, unroll=unroll)
-    if phases == 2:
-        plgpu.store(idx_ref.at[blk.out_rows, col0], found[:, None], mask=blk.row_ok[:, None])
-        return
+    n_out = r.idx.shape[0] - (st.block_c if st.trash else 0)
+    blk = _load_block(p, r.block_req, r.slots, r.offsets, r.lengths, r.cand, r.inv, n_out,
+                      block_c=st.block_c, block_t=st.block_t, trash=st.trash, scores=st.scores)
+    ms = _bound(blk, r.seq, bins=st.bins, block_c=st.block_c, block_t=st.block_t)
+    return blk, _threshold(ms, k=st.k, block_c=st.block_c, radix_bits=st.radix_bits)
+
+
+def _step_collect(r: _Refs, st: _Static, blk: _Block, t_lo):
+    """Step 3: returns (the block's rows of the survivor buffers, the per-row survivor counts)."""
+    buf_rows = pl.program_id(0) * st.block_c + blk.rows
+    found = _collect(blk, r.seq, t_lo, r.key_buf, r.idx_buf, buf_rows, capacity=st.capacity,
+                     block_c=st.block_c, block_t=st.block_t, unroll=st.unroll)
+    return buf_rows, found
+
+
+def _nn_search_kernel(*refs, st: _Static):
+    """One program: one block of <= ``block_c`` candidates of one request, steps 1-5 of the
+    module docstring (refs: :class:`_Refs`)."""
+    r = _Refs(*refs)
+    blk, t_lo = _steps_bound(r, st)
+    buf_rows, found = _step_collect(r, st, blk, t_lo)
     _barrier(blk)                # survivors stored by all warps are read back by all warps
-    overflow = jnp.max(jnp.where(blk.row_ok, found, 0)) > capacity
-    _select_survivors(blk, idx_ref, score_ref, key_buf, idx_buf, buf_rows, found, overflow, k=k,
-                      capacity=capacity, block_c=block_c, radix_bits=radix_bits)
-    _fallback(blk, seq_ref, idx_ref, score_ref, overflow, k=k, block_c=block_c, block_t=block_t)
+    overflow = jnp.max(jnp.where(blk.row_ok, found, 0)) > st.capacity
+    _select_survivors(blk, r.idx, r.score, r.key_buf, r.idx_buf, buf_rows, found, overflow,
+                      k=st.k, capacity=st.capacity, block_c=st.block_c, radix_bits=st.radix_bits)
+    _fallback(blk, r.seq, r.idx, r.score, overflow, k=st.k, block_c=st.block_c,
+              block_t=st.block_t)
 
 
 # -------------------------------------------------------------------------------------- wrapper
@@ -553,11 +537,11 @@ def _validate(seq_q, offsets, lengths, cand, cand_to_req, k: int) -> None:
         raise ValueError(f"k: expected 1 <= k <= {MAX_K}, got {k}")
 
 
-def _search(seq_q, offsets, lengths, cand, cand_to_req, *, k: int, scale: float,
-            config: NNSearchConfig, interpret: bool, phases: int = 3):
-    """The jitted body of :func:`nn_search_jagged`; ``phases`` < 3 stops the main kernel early
-    (profiling only: its outputs are then not the search results)."""
-    del scale                   # cancels in the cosine (kept for the reference's signature)
+def _launch(kernel, seq_q, offsets, lengths, cand, cand_to_req, *, k: int,
+            config: NNSearchConfig, interpret: bool, name: str):
+    """Run ``kernel`` (a function of the :class:`_Refs` and ``st=``:class:`_Static`) over the grid
+    of blocks: groups the candidates by request (:func:`_block_slots`), computes the inverse norms,
+    and returns the first ``k`` columns of its (indices, scores) outputs for the N candidates."""
     bins, capacity = config.resolve(k)
     block_c, block_t = config.block_c, config.block_t
     n = cand.shape[0]
@@ -583,12 +567,10 @@ def _search(seq_q, offsets, lengths, cand, cand_to_req, *, k: int, scale: float,
     out_rows = n + (block_c if trash else 0)
     out_cols = k + (max(block_t, next_pow2(k), capacity) if trash else 0)
     buf_shape = (num_blocks * block_c, capacity + (max(block_t, capacity) if trash else 0))
-    kernel = functools.partial(
-        _nn_search_kernel, k=k, bins=bins, capacity=capacity, block_c=block_c, block_t=block_t,
-        trash=trash, scores=config.scores, radix_bits=config.radix_bits, unroll=config.unroll,
-        phases=phases)
+    st = _Static(k=k, bins=bins, capacity=capacity, block_c=block_c, block_t=block_t, trash=trash,
+                 scores=config.scores, radix_bits=config.radix_bits, unroll=config.unroll)
     idx, scores, _, _ = pl.pallas_call(
-        kernel, grid=(num_blocks,), interpret=interpret, name="nn_search",
+        functools.partial(kernel, st=st), grid=(num_blocks,), interpret=interpret, name=name,
         out_shape=(jax.ShapeDtypeStruct((out_rows, out_cols), jnp.int32),
                    jax.ShapeDtypeStruct((out_rows, out_cols), jnp.float32),
                    jax.ShapeDtypeStruct(buf_shape, jnp.int32),
@@ -599,15 +581,30 @@ def _search(seq_q, offsets, lengths, cand, cand_to_req, *, k: int, scale: float,
     return idx[:n, :k], scores[:n, :k]
 
 
+def _search(seq_q, offsets, lengths, cand, cand_to_req, *, k: int, config: NNSearchConfig,
+            interpret: bool):
+    """The jitted body of :func:`nn_search_pallas_triton` (validated inputs, N >= 1)."""
+    return _launch(_nn_search_kernel, seq_q, offsets, lengths, cand, cand_to_req, k=k,
+                   config=config, interpret=interpret, name="nn_search")
+
+
+def _prepare(seq_q, offsets, lengths, cand, cand_to_req, k: int, config, interpret):
+    """Validate; fill in the config and interpret defaults: (config, interpret)."""
+    _validate(seq_q, offsets, lengths, cand, cand_to_req, k)
+    config = config or NNSearchConfig()
+    config.resolve(k)
+    return config, default_interpret() if interpret is None else interpret
+
+
 @functools.partial(jax.jit, static_argnames=("k", "scale", "config", "interpret"))
-def nn_search_jagged(seq_q: jax.Array, offsets: jax.Array, lengths: jax.Array, cand: jax.Array,
-                     cand_to_req: jax.Array, *, k: int, scale: float = QUANT_SCALE,
-                     config: Optional[NNSearchConfig] = None,
-                     interpret: Optional[bool] = None) -> Tuple[jax.Array, jax.Array]:
-    """NN(S, c; K) on de-duplicated jagged sequences.
+def nn_search_pallas_triton(seq_q: jax.Array, offsets: jax.Array, lengths: jax.Array,
+                            cand: jax.Array, cand_to_req: jax.Array, *, k: int,
+                            scale: float = QUANT_SCALE, config: Optional[NNSearchConfig] = None,
+                            interpret: Optional[bool] = None) -> Tuple[jax.Array, jax.Array]:
+    """NN(S, c; K) on de-duplicated jagged sequences, in the fused kernel.
 
     Args:
-      seq_q: (T, D) int8 codes of all requests' tokens, concatenated.
+      seq_q: (T, D) int8 codes of all requests' tokens, concatenated; D a power of two >= 16.
       offsets: (U,) int first row of each request's sequence in ``seq_q``.
       lengths: (U,) int number of tokens of each request (0 allowed); rows
         ``[offsets[u], offsets[u] + lengths[u])`` should lie inside ``seq_q`` (values are not
@@ -616,41 +613,21 @@ def nn_search_jagged(seq_q: jax.Array, offsets: jax.Array, lengths: jax.Array, c
       cand: (N, D) float candidate embeddings.
       cand_to_req: (N,) int request of each candidate, in ``[0, U)``; a candidate with an index
         outside that range gets an all-padding result (-1 / -inf) rather than an error, because
-        jitted code cannot raise on values. Validate requests at the API boundary
-        (``RequestBatch.validate``).
-      k: K (1..128). scale: int8 scale (0.65).
+        jitted code cannot raise on values. Validate requests where they enter the program.
+      k: K (1..``MAX_K``). scale: int8 scale (0.65; it cancels in the cosine).
+      config: the kernel's tiling (default ``NNSearchConfig()``). interpret: Pallas interpret
+        mode (default: when no GPU backend is present).
 
     Returns:
       (indices (N, k) int32, scores (N, k) float32): positions within the request's sequence, in
       chronological order, ``-1`` / ``-inf`` padding, exactly as ``nn_search_reference``.
     """
-    _validate(seq_q, offsets, lengths, cand, cand_to_req, k)
-    config = config or NNSearchConfig()
-    config.resolve(k)
+    del scale
+    config, interpret = _prepare(seq_q, offsets, lengths, cand, cand_to_req, k, config, interpret)
     if cand.shape[0] == 0:
         return jnp.zeros((0, k), jnp.int32), jnp.zeros((0, k), jnp.float32)
-    interpret = default_interpret() if interpret is None else interpret
-    return _search(seq_q, offsets, lengths, cand, cand_to_req, k=k, scale=scale, config=config,
+    return _search(seq_q, offsets, lengths, cand, cand_to_req, k=k, config=config,
                    interpret=interpret)
 
 
-def nn_search(seq_q: jax.Array, lengths: jax.Array, cand: jax.Array, cand_to_req: jax.Array, *,
-              k: int, scale: float = QUANT_SCALE, impl: Literal["pallas", "xla"] = "pallas",
-              config: Optional[NNSearchConfig] = None,
-              interpret: Optional[bool] = None) -> Tuple[jax.Array, jax.Array]:
-    """Dense-layout entry point with the reference's signature: ``seq_q`` (U, L, D) int8 with
-    ``lengths`` (U,). ``impl="xla"`` runs :func:`nn_search_reference`."""
-    if impl == "xla":
-        return nn_search_reference(seq_q, lengths, cand, cand_to_req, k=k, scale=scale)
-    if impl != "pallas":
-        raise ValueError(f"impl: expected 'pallas' or 'xla', got {impl!r}")
-    if seq_q.ndim != 3:
-        raise ValueError(f"seq_q: expected (U, L, D) int8, got shape {seq_q.shape}")
-    u, length, d = seq_q.shape
-    offsets = jnp.arange(u, dtype=jnp.int32) * length
-    lens = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, length)
-    return nn_search_jagged(seq_q.reshape(u * length, d), offsets, lens, cand, cand_to_req, k=k,
-                            scale=scale, config=config, interpret=interpret)
-
-
-__all__ = ["MAX_K", "NNSearchConfig", "nn_search", "nn_search_jagged"]
+__all__ = ["nn_search_pallas_triton"]
