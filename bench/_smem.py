@@ -1,4 +1,5 @@
-"""Shared-memory figures of compiled Pallas (Triton) kernels, for the A10G budget (SPEC §6).
+"""Shared-memory figures of compiled Pallas (Triton) kernels, for the A10G budget
+(``pallas_kernels._common.A10G_SMEM_BYTES``: 101,376 B a block on sm_86).
 
 Two sources, both on the GPU machine:
 

@@ -1,11 +1,11 @@
-"""NN-search benchmark (issue 5; paper §3.4.2 "broadcast free NN search", "fused dequantization").
+"""NN-search benchmark (paper §3.4.2 "broadcast free NN search", "fused dequantization").
 
 For L_LL in {1k, 4k, 10k, 16k} and {64, 256, 1024} candidates per request (4096 candidates per
 batch; U = 4096 / candidates-per-request requests, every sequence full length), K = 96 (K_LL):
 
-* ``kernel``: ``pallas_kernels.nn_search.nn_search_jagged`` on the de-duplicated jagged layout
-  (one int8 copy per request + candidate -> request index), everything inside the jitted call
-  (grouping candidates by request, the kernel);
+* ``kernel``: ``pallas_kernels.nn_search.api.nn_search(..., offsets=..., impl="pallas_triton")``
+  on the de-duplicated jagged layout (one int8 copy per request + candidate -> request index),
+  everything inside the jitted call (grouping candidates by request, the kernel);
 * ``broadcast``: the XLA pipeline on the broadcast layout, a (N, L, 32) int8 tensor with the
   request's sequence repeated per candidate (what a broadcasting server ships to the GPU):
   dequantize, L2-normalize, ``einsum``, ``lax.top_k`` (+ the chronological sort of the result);
@@ -22,8 +22,9 @@ report and sm_86 compile).
 
     python bench/nn_search.py            # full sweep (GPU machine, ~4 min)
     python bench/nn_search.py --quick    # L = 10k, 256 candidates per request only
-    python bench/nn_search.py --quick --profile   # + the kernel stopped after the bound /
-                                                  # collect steps, and the forced fallback
+    python bench/nn_search.py --quick --profile   # + the kernel stopped after step 2 (bound) /
+                                                  # step 3 (collect), and the forced fallback
+                                                  # (pallas_kernels.nn_search.profile)
     python bench/nn_search.py --quick --tune      # + other tilings
 
 Writes ``bench/results/nn_search.json``, ``nn_search.png`` and ``nn_search.md``.
@@ -41,6 +42,7 @@ if __name__ == "__main__":
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+from typing import Optional  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -49,11 +51,13 @@ from jax import lax  # noqa: E402
 
 import _smem  # noqa: E402
 from _env import RESULTS, environment, time_device_calls  # noqa: E402
+from pallas_kernels._common import A10G_SMEM_BYTES  # noqa: E402
 from pallas_kernels.int8_codec import QUANT_SCALE, dequantize_int8, l2_normalize  # noqa: E402
-from pallas_kernels.nn_search import MAX_K, NNSearchConfig, _search, nn_search_jagged  # noqa: E402
-from pallas_kernels.nn_search_reference import masked_top_k  # noqa: E402
+from pallas_kernels.nn_search.api import nn_search  # noqa: E402
+from pallas_kernels.nn_search.config import MAX_K, NNSearchConfig  # noqa: E402
+from pallas_kernels.nn_search.profile import STOP_AFTER, nn_search_stopped  # noqa: E402
+from pallas_kernels.nn_search.reference import masked_top_k  # noqa: E402
 
-A10G_SMEM_BYTES = 101_376
 D, K, N_TOTAL = 32, 96, 4096
 LENGTHS = (1024, 4096, 10_000, 16_384)
 CANDS = (64, 256, 1024)
@@ -87,16 +91,17 @@ def dedup_pipeline(precision):
     return run
 
 
-def kernel_pipeline(config: NNSearchConfig, phases: int = 3):
-    """The kernel (``phases`` < 3: the kernel stopped after the bound / the collect pass,
-    for profiling; those outputs are not search results)."""
-    if phases == 3:
+def kernel_pipeline(config: NNSearchConfig, stop_after: Optional[int] = None):
+    """The kernel on the jagged layout (``stop_after`` 2 / 3: the profiling kernel stopped after
+    the bound / the collect step; its outputs are not search results)."""
+    if stop_after is None:
         @jax.jit
         def run(flat, offsets, lengths, cand, c2r):
-            return nn_search_jagged(flat, offsets, lengths, cand, c2r, k=K, config=config)
+            return nn_search(flat, lengths, cand, c2r, k=K, offsets=offsets, impl="pallas_triton",
+                             config=config)
         return run
-    return jax.jit(functools.partial(_search, k=K, scale=QUANT_SCALE, config=config,
-                                     interpret=False, phases=phases))
+    return jax.jit(functools.partial(nn_search_stopped, k=K, stop_after=stop_after, config=config,
+                                     interpret=False))
 
 
 def variant_name(v: NNSearchConfig) -> str:
@@ -143,9 +148,9 @@ def run_shape(length: int, cpr: int, repeats: int, config: NNSearchConfig, varia
         except Exception as exc:  # noqa: BLE001  (a tiling that does not compile / fit)
             row["impls"][name] = {"error": repr(exc)[:300]}
             print(f"    {name}: {exc!r}"[:300], flush=True)
-    for phases in profile:   # --profile: where the kernel's time goes
-        name = f"kernel_phases{phases}"
-        row["impls"][name] = time_jax(kernel_pipeline(config, phases),
+    for step in profile:   # --profile: where the kernel's time goes
+        name = f"kernel_stop_after_step{step}"
+        row["impls"][name] = time_jax(kernel_pipeline(config, step),
                                       (flat, offsets, lengths, cand, c2r), repeats)
         print(f"    {name}: {row['impls'][name]['median_us']:.1f} us", flush=True)
     if profile:          # the worst case: every block overflows and takes the fallback kernel
@@ -231,7 +236,7 @@ def main() -> None:
     knobs = ({"scores": "fma"}, {"radix_bits": 2}, {"radix_bits": 4}, {"unroll": 1},
              {"num_stages": 1}, {"block_t": 64}, {"bins": 512}, {"num_warps": 8})
     variants = [dataclasses.replace(base, **kw) for kw in knobs] if args.tune else []
-    rows = [run_shape(L, c, args.repeats, config, variants, (1, 2) if args.profile else ())
+    rows = [run_shape(L, c, args.repeats, config, variants, STOP_AFTER if args.profile else ())
             for L, c in shapes]
     result["rows"] = rows
     # shared memory of the shipped configurations at K = MAX_K (bins and survivor buffer are
@@ -241,8 +246,8 @@ def main() -> None:
              jnp.zeros((16,), jnp.int32))
     smem_rows = []
     for cfg in (config, dataclasses.replace(config, scores="fma")):
-        fn = jax.jit(lambda s, o, ln, c, r, cfg=cfg: nn_search_jagged(s, o, ln, c, r, k=MAX_K,
-                                                                      config=cfg))
+        fn = jax.jit(lambda s, o, ln, c, r, cfg=cfg: nn_search(s, ln, c, r, k=MAX_K, offsets=o,
+                                                               impl="pallas_triton", config=cfg))
         smem_rows.append({"config": cfg.__dict__, "k": MAX_K,
                           **_smem.measure(lambda: fn.lower(*args_).compile(), cfg.num_warps,
                                           cfg.num_stages)})

@@ -1,9 +1,9 @@
-"""SKUT benchmark (issue 4; paper §4.4.3, Tables 5 and 8, Appendix B).
+"""SKUT benchmark (paper §4.4.3, Tables 5 and 8, Appendix B).
 
 Forward latency and peak device memory of the TransAct V2 encoder (2 layers, d=64, 1 head, FFN 32,
 causal + key-padding masks, ragged lengths) in four implementations on the same weights and inputs:
 
-* ``skut``: the fused Pallas kernel (``pallas_kernels/skut.py``);
+* ``skut``: the fused Pallas kernel (``pallas_kernels.skut.api.skut(..., impl="pallas_triton")``);
 * ``xla``: the jitted pure-jnp reference (``skut_reference``);
 * ``cudnn``: the same layers with attention by ``jax.nn.dot_product_attention(implementation="cudnn")``
   (causal + per-sequence key lengths, the masks cuDNN takes);
@@ -45,9 +45,10 @@ import numpy as np  # noqa: E402
 
 import _smem  # noqa: E402
 from _env import RESULTS, environment, stats_us, time_device_calls  # noqa: E402
-from pallas_kernels import skut as skut_mod  # noqa: E402
-from pallas_kernels.skut import A10G_SMEM_BYTES, SkutConfig, skut  # noqa: E402
-from pallas_kernels.skut_reference import EncoderWeights, layer_norm, skut_reference  # noqa: E402
+from pallas_kernels._common import A10G_SMEM_BYTES  # noqa: E402
+from pallas_kernels.skut.api import skut  # noqa: E402
+from pallas_kernels.skut.config import MAX_RESIDENT_TILES, SkutConfig  # noqa: E402
+from pallas_kernels.skut.reference import EncoderWeights, layer_norm, skut_reference  # noqa: E402
 
 D, HEADS, FF, LAYERS = 64, 1, 32, 2
 L_SWEEP = (64, 128, 192, 256, 512, 1024, 2048)
@@ -67,7 +68,7 @@ def smem_report(configs, dtype) -> list:
     for length, cfg in configs:
         x = jax.random.normal(key, (2, length, D), dtype)
         mask = jnp.ones((2, length), bool)
-        fn = jax.jit(lambda x, m, w, cfg=cfg: skut(x, m, w, config=cfg))
+        fn = jax.jit(lambda x, m, w, cfg=cfg: skut(x, m, w, impl="pallas_triton", config=cfg))
         row = {"L": length, "config": cfg.__dict__, "dtype": jnp.dtype(dtype).name,
                **_smem.measure(lambda: fn.lower(x, mask, w).compile(), cfg.num_warps, cfg.num_stages)}
         out.append(row)
@@ -207,7 +208,7 @@ def run_shape(batch: int, length: int, dtype, configs, repeats: int, torch_ok: b
               f"err {t['rel_err_vs_f32_reference']:.2e}", flush=True)
 
     for cfg_name, cfg in configs:
-        fn = jax.jit(lambda x, m, w, cfg=cfg: skut(x, m, w, config=cfg))
+        fn = jax.jit(lambda x, m, w, cfg=cfg: skut(x, m, w, impl="pallas_triton", config=cfg))
         args = [(x, m, w) for x, m, _ in inputs]
         record(cfg_name, fn, args, jax_memory(fn, args[0]), fn(*args[0]))
     fn = jax.jit(skut_reference)
@@ -375,7 +376,7 @@ def main() -> None:
                             if resident and stages > 1:
                                 continue   # the resident variant has no loop to pipeline
                             cfg = SkutConfig(block, block, warps, stages, resident)
-                            if resident and -(-length // block) > skut_mod.MAX_RESIDENT_TILES:
+                            if resident and -(-length // block) > MAX_RESIDENT_TILES:
                                 continue
                             cands.append((f"{block}/{warps}w/{stages}s/{'res' if resident else 'str'}", cfg))
             r = run_shape(batch, length, dtype, cands, max(10, args.repeats // 3), torch_ok=False)

@@ -1,7 +1,6 @@
-"""The NN-search op's entry point: :func:`nn_search`, one call for every layout and implementation."""
+"""The NN-search op's entry point: :func:`nn_search`, one call for every layout and impl."""
 from __future__ import annotations
 
-import functools
 import operator
 from typing import Optional, Tuple
 
@@ -120,8 +119,6 @@ def _pallas_triton(seq_q, lengths, cand, cand_to_req, offsets, *, k, scale, conf
     return idx.reshape(out_shape), scores.reshape(out_shape)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "max_length", "impl", "scale", "config",
-                                             "interpret"))
 def nn_search(seq_q: jax.Array, lengths: jax.Array, cand: jax.Array,
               cand_to_req: Optional[jax.Array] = None, *, k: int,
               offsets: Optional[jax.Array] = None, max_length: Optional[int] = None,
@@ -151,7 +148,7 @@ def nn_search(seq_q: jax.Array, lengths: jax.Array, cand: jax.Array,
       u. Results (U, N, k). (Documented for dense ``seq_q``; jagged works the same.)
 
     Args:
-      k: K, tokens kept per candidate (static). 0 gives empty (..., 0) int32 / float32 results;
+      k: K, tokens kept per candidate. 0 gives empty (..., 0) int32 / float32 results;
         ``"pallas_triton"`` supports up to ``MAX_K`` (128).
       max_length: jagged layout, ``impl="xla"`` only: the width W of the dense copy the reference
         runs on, ``min(max_length or T, T)`` (static; lengths are clipped to W, so it must be at
@@ -169,9 +166,15 @@ def nn_search(seq_q: jax.Array, lengths: jax.Array, cand: jax.Array,
     Returns:
       (indices int32, scores float32), each (N, k) or (U, N, k) for grouped candidates: positions
       within the request's sequence.
+
+    Not jitted itself (the reference and the kernel wrapper are, so eager calls of the same shapes
+    share one compile whatever the layout); inside ``jax.jit``, ``k``, ``max_length``, ``impl``,
+    ``scale``, ``config`` and ``interpret`` must be Python values (static).
     """
     impl = resolve_impl(impl)
-    lengths = jnp.asarray(lengths)
+    seq_q, lengths, cand = jnp.asarray(seq_q), jnp.asarray(lengths), jnp.asarray(cand)
+    offsets = None if offsets is None else jnp.asarray(offsets)
+    cand_to_req = None if cand_to_req is None else jnp.asarray(cand_to_req)
     _validate(seq_q, lengths, cand, cand_to_req, offsets, k, max_length)
     if k == 0:
         shape = cand.shape[:-1] + (0,)

@@ -42,10 +42,11 @@ products (not TF32), like the reference under ``precision="highest"``. The flash
 *unnormalized* probabilities to the input dtype before ``P V`` (the reference rounds normalized ones),
 which moves bf16 results by about one bf16 ulp.
 
-Shared memory (the A10G budget, ``pallas_kernels._common.A10G_SMEM_BYTES`` = 101,376 B per block): Triton stages the operands of each ``dot``
-through shared memory; nothing else is allocated there. ``bench/skut.py`` reports, for every
-configuration :meth:`SkutConfig.default` can return, the figure Triton reports for the compiled kernel
-(sm_90a, on the GPU machine) and for the same Triton IR compiled for sm_86.
+Shared memory (the A10G budget, ``pallas_kernels._common.A10G_SMEM_BYTES`` = 101,376 B per block):
+Triton stages the operands of each ``dot`` through shared memory; nothing else is allocated there.
+``bench/skut.py`` reports, for every configuration :meth:`SkutConfig.default` can return, the figure
+Triton reports for the compiled kernel (sm_90a, on the GPU machine) and for the same Triton IR
+compiled for sm_86.
 """
 from __future__ import annotations
 

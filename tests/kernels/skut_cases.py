@@ -13,6 +13,9 @@ TOL = {jnp.float32: 2e-5, jnp.float16: 3e-3, jnp.bfloat16: 1.5e-2}
 1e-3, bfloat16 operands under 1e-2."""
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
+reference = jax.jit(skut_reference, static_argnames=("num_heads", "causal", "eps", "dropout_rate"))
+"""The reference, jitted (one compile per shape instead of op-by-op dispatch)."""
+
 
 def random_weights(seed: int, n: int = 2, d: int = 64, f: int = 32) -> EncoderWeights:
     ks = jax.random.split(jax.random.PRNGKey(seed), 12)
@@ -42,7 +45,7 @@ def random_inputs(seed: int, batch: int, length: int, dtype, d: int = 64):
 
 def rel_err(out, x, mask, w, **kw) -> float:
     """Relative L2 error of ``out`` against the reference in float32 on the same (rounded) ``x``."""
-    ref = skut_reference(x.astype(jnp.float32), mask, w, **kw)
+    ref = reference(x.astype(jnp.float32), mask, w, **kw)
     out = np.asarray(out, np.float64)
     assert np.isfinite(out).all(), "returned NaN/inf"
     ref = np.asarray(ref, np.float64)

@@ -20,12 +20,14 @@ def ragged_mask(rng, b, length):
     return mask
 
 
-@pytest.mark.parametrize("length,num_heads,causal", [(1, 1, True), (7, 1, True), (13, 2, True),
-                                                      (9, 1, False)])
-def test_matches_float64_loops(length, num_heads, causal):
+FLOAT64_CASES = [(1, 1, True), (7, 1, True), (13, 2, True), (9, 1, False)]
+"""(length, num_heads, causal) of the float64 loop comparisons."""
+
+
+def check_matches_float64_loops(w: EncoderWeights, length: int, num_heads: int, causal: bool):
+    """The reference with weights ``w`` against the float64 loops on ragged random inputs."""
     rng = np.random.default_rng([length, num_heads, causal])
-    w = random_weights(length)
-    x = rng.normal(size=(3, length, 64)).astype(np.float32)
+    x = rng.normal(size=(3, length, w.d_model)).astype(np.float32)
     mask = ragged_mask(rng, 3, length)
     with jax.default_matmul_precision("highest"):  # full f32 products on GPUs too (no TF32)
         got = np.asarray(run(jnp.asarray(x), jnp.asarray(mask), w, num_heads=num_heads, causal=causal))
@@ -34,6 +36,11 @@ def test_matches_float64_loops(length, num_heads, causal):
     valid = mask.astype(bool)
     err = np.linalg.norm(got[valid] - want[valid]) / max(np.linalg.norm(want[valid]), 1e-12)
     assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("length,num_heads,causal", FLOAT64_CASES)
+def test_matches_float64_loops(length, num_heads, causal):
+    check_matches_float64_loops(random_weights(length), length, num_heads, causal)
 
 
 def test_bf16_close_to_f32():
