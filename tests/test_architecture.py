@@ -72,6 +72,18 @@ def test_layering_rules_hold():
     assert _violations() == {}
 
 
+def test_transact_jax_reaches_kernels_only_through_their_api():
+    """Callers use ``pallas_kernels.<op>.api`` (plus shared types: the codec, ``_common``, the
+    references' data classes), never a kernel, a vjp or a profiling module directly."""
+    internal = re.compile(r"^pallas_kernels\.\w+\.(pallas_triton|vjp|profile)(\.|$)")
+    bad = {}
+    for path in _sources("transact_jax", "examples"):
+        names = sorted(n for n in _imports(path, _module_name(path, ROOT)) if internal.match(n))
+        if names:
+            bad[str(path.relative_to(ROOT))] = names
+    assert bad == {}
+
+
 def test_the_walker_sees_function_level_and_relative_imports(tmp_path):
     """The checker itself: a lazy import inside a function and a relative import are both caught."""
     pkg = tmp_path / "transact_jax" / "serving"

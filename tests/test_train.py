@@ -18,6 +18,7 @@ import pytest
 from transact_jax.__main__ import main as cli
 from transact_jax.config import SelectionConfig
 from transact_jax.data.generate import write_synthetic_logs
+from transact_jax.data.source import InMemoryExamples
 from transact_jax.data.synthetic import SyntheticConfig
 from transact_jax.model.config import ModelConfig
 from transact_jax.run.presets import preset
@@ -124,6 +125,17 @@ def test_resume_equals_uninterrupted(run_a, run_b):
     train_steps = [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
                    if r["type"] == "train"]
     assert train_steps == list(range(1, CRASH_AT + 1)) + list(range(latest + 1, STEPS + 1))
+
+
+def test_any_example_source_trains_the_same(run_a, logs):
+    """train() takes any ExampleSource: the same examples held in memory give the parameters and
+    the evaluation of the run on the feature log."""
+    _, a, _ = run_a
+    in_memory = [InMemoryExamples(log.read(np.arange(len(log))), log.feat, log.sel) for log in logs]
+    m = train(CFG_A, in_memory[0], eval_log=in_memory[1], progress=False)
+    for (path, x), (_, y) in zip(leaves(a.state.params), leaves(m.state.params)):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+    assert m.eval_metrics == a.eval_metrics
 
 
 def test_parameters_moved(run_a):
