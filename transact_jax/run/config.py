@@ -17,6 +17,7 @@ from transact_jax.model.config import ModelConfig
 from transact_jax.model.sequence import sequence_model_entry
 
 NAL_NEGATIVES = ("none", "impression", "in_batch")
+NAL_WITHOUT_IMPRESSIONS = ("warn", "in_batch", "error")
 LEGACY_VALUES = {"model.encoder_impl": {"skut": "pallas_triton"}}
 """Values renamed since configs were first stored (read from old checkpoints and JSON files)."""
 
@@ -38,6 +39,11 @@ class TrainConfig:
       w_nal: w_NAL of eq. 7 (0 disables the Next Action Loss).
       nal_negatives: "impression" (NAL_imp), "in_batch" (NAL_in-batch) or "none".
       nal_kind: "sampled_softmax" (eq. 5) or "bce" (Table 7's cross-entropy NAL).
+      nal_without_impressions: what ``train()`` does when ``nal_negatives="impression"`` but the
+        training data carries no impression negatives at all (e.g. rating logs such as MovieLens),
+        where the Next Action Loss would have no negatives and contribute nothing: "warn" (the
+        default: a warning, then training as configured), "in_batch" (train with in-batch negatives
+        instead, with a warning saying so) or "error" (refuse).
       num_in_batch_negatives: negatives per example for NAL_in-batch.
       seed: parameter init, dropout and data order.
       log_every, eval_every, checkpoint_every: in steps (0 disables eval / periodic checkpoints;
@@ -59,6 +65,7 @@ class TrainConfig:
     w_nal: float = 0.01
     nal_negatives: str = "impression"
     nal_kind: str = "sampled_softmax"
+    nal_without_impressions: str = "warn"
     num_in_batch_negatives: int = 32
     seed: int = 0
     log_every: int = 50
@@ -74,6 +81,9 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.nal_negatives not in NAL_NEGATIVES:
             raise ValueError(f"nal_negatives: expected one of {NAL_NEGATIVES}, got {self.nal_negatives!r}")
+        if self.nal_without_impressions not in NAL_WITHOUT_IMPRESSIONS:
+            raise ValueError(f"nal_without_impressions: expected one of {NAL_WITHOUT_IMPRESSIONS}, "
+                             f"got {self.nal_without_impressions!r}")
         if self.nal_kind not in ("sampled_softmax", "bce"):
             raise ValueError(f"nal_kind: expected 'sampled_softmax' or 'bce', got {self.nal_kind!r}")
         if self.learning_rate <= 0 or self.w_nal < 0 or self.clip_norm <= 0:

@@ -32,6 +32,7 @@ from transact_jax.model.builder import ModelDef
 from transact_jax.run.checkpoint import Checkpointer
 from transact_jax.run.config import ExperimentConfig
 from transact_jax.run.state import TrainState, init_state
+from transact_jax.train.nal_check import resolve_nal_negatives
 from transact_jax.train.objective import Targets
 from transact_jax.train.step import data_mesh, make_predict, make_train_step, replicate, shard_batch
 
@@ -45,6 +46,7 @@ class TrainResult:
     metrics: Dict[str, float]
     eval_metrics: Optional[Dict[str, float]]
     examples_per_second: float  # steady state: logged intervals after the first (which compiles)
+    config: Optional[ExperimentConfig] = None  # the config trained (after resolve_nal_negatives)
 
 
 class _StopTraining(Exception):
@@ -76,9 +78,10 @@ def train(cfg: ExperimentConfig, train_log: ExampleSource, *, workdir: Optional[
         tests of crash recovery.
       on_step: called with (step, metrics) after every logged step.
     """
-    tc = cfg.train
     if train_log.feat != cfg.feature or train_log.sel != cfg.selection:
         raise ValueError("train_log: written with other feature/selection configs than cfg")
+    cfg = resolve_nal_negatives(cfg, train_log)
+    tc = cfg.train
     mesh = data_mesh()
     mdef, state, opt = init_state(cfg)
 
@@ -160,7 +163,7 @@ def train(cfg: ExperimentConfig, train_log: ExampleSource, *, workdir: Optional[
         if metrics_file is not None:
             metrics_file.close()
     eps = n_all / t_all if t_all else 0.0
-    return TrainResult(state, mdef, last, eval_metrics, eps)
+    return TrainResult(state, mdef, last, eval_metrics, eps, cfg)
 
 
 def _write(f, record: Dict[str, Any]) -> None:
