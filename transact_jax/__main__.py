@@ -4,6 +4,8 @@
     python -m transact_jax train --preset transact_v2 --data data/ --workdir runs/v2 --steps 3000
     python -m transact_jax train --config my_experiment.json --data data/ --workdir runs/mine
     python -m transact_jax evaluate --workdir runs/v2 --data data/
+    python -m transact_jax data movielens --ratings ml-latest-small/ratings.csv --out data/
+    python -m transact_jax data interactions --file interactions.csv --out data/
 
 ``--config`` takes a JSON file of :class:`~transact_jax.run.config.ExperimentConfig` (sections
 ``feature``, ``selection``, ``model``, ``train``; missing fields keep their defaults). A train run in
@@ -57,6 +59,16 @@ def main(argv=None) -> int:
     e.add_argument("--workdir", required=True)
     e.add_argument("--data", required=True)
     sub.add_parser("presets", help="list the Table 2 presets")
+    d = sub.add_parser("data", help="feature logs (train/eval/test) from a public interaction file")
+    d.add_argument("format", choices=("movielens", "interactions"),
+                   help="movielens: ratings.dat or ratings.csv; interactions: the generic CSV")
+    d.add_argument("--ratings", "--file", dest="path", required=True, help="the input file")
+    d.add_argument("--out", required=True)
+    d.add_argument("--config", help="ExperimentConfig JSON whose feature/selection configs the logs use")
+    d.add_argument("--negatives", type=int, help="negatives per request (default 20)")
+    d.add_argument("--session-gap", type=int, help="seconds without an interaction that end a "
+                                                   "session (default 1800)")
+    d.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
     from transact_jax.data.feature_log import FeatureLog
@@ -77,6 +89,17 @@ def main(argv=None) -> int:
         train_log, eval_log = write_synthetic_logs(args.out, cfg.feature, cfg.selection, syn,
                                                    args.train_users, args.eval_users)
         print(f"wrote {len(train_log):,} train and {len(eval_log):,} eval examples to {args.out}")
+        return 0
+    if args.command == "data":
+        from transact_jax.data.interactions import InteractionRecipe
+        from transact_jax.data.public import read_interactions_csv, read_movielens, write_feature_logs
+        cfg = ExperimentConfig.from_json(args.config) if args.config else ExperimentConfig()
+        recipe = InteractionRecipe(seed=args.seed, **{k: v for k, v in (
+            ("negatives_per_request", args.negatives), ("session_gap_s", args.session_gap))
+            if v is not None})
+        data = (read_movielens if args.format == "movielens" else read_interactions_csv)(args.path)
+        counts = write_feature_logs(data, args.out, cfg.feature, cfg.selection, recipe)
+        print(f"wrote {counts} examples to {args.out}")
         return 0
     if args.command == "train":
         from transact_jax.train.loop import train
