@@ -37,7 +37,7 @@ def source(imp_lens, seed=0) -> InMemoryExamples:
 def config(**train) -> ExperimentConfig:
     return preset("transact_v2", ExperimentConfig(
         selection=SEL, model=ModelConfig(mlp_dims=(16,)),
-        train=TrainConfig(batch_size=16, steps=2, warmup_steps=1, log_every=1, **train)))
+        train=TrainConfig(**{"batch_size": 16, "steps": 2, "warmup_steps": 1, "log_every": 1, **train})))
 
 
 NO_IMPRESSIONS = source([0] * 8)

@@ -48,6 +48,11 @@ class TrainConfig:
       seed: parameter init, dropout and data order.
       log_every, eval_every, checkpoint_every: in steps (0 disables eval / periodic checkpoints;
         a final checkpoint is always written when a checkpoint directory is given).
+      early_stopping_metric: an evaluation metric (e.g. "auc/click", "hit@3/click"; "ne/..." is
+        lower-is-better) on ``eval_log`` to keep the best parameters by ("" disables); needs
+        ``eval_every`` > 0. ``train()`` then returns them as ``TrainResult.best_params``.
+      early_stopping_patience: stop after this many evaluations without improvement (0: never stop
+        early, only keep the best).
       keep_checkpoints: how many checkpoints orbax keeps.
       prefetch: batches the input pipeline reads ahead.
       loader_threads: threads that read batches from the feature log.
@@ -72,6 +77,8 @@ class TrainConfig:
     eval_every: int = 0
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    early_stopping_metric: str = ""
+    early_stopping_patience: int = 0
     prefetch: int = 4
     loader_threads: int = 2
 
@@ -81,6 +88,10 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.nal_negatives not in NAL_NEGATIVES:
             raise ValueError(f"nal_negatives: expected one of {NAL_NEGATIVES}, got {self.nal_negatives!r}")
+        if self.early_stopping_patience < 0:
+            raise ValueError(f"early_stopping_patience: must be >= 0, got {self.early_stopping_patience}")
+        if self.early_stopping_metric and not self.eval_every:
+            raise ValueError("early_stopping_metric: needs eval_every > 0 (evaluations to compare)")
         if self.nal_without_impressions not in NAL_WITHOUT_IMPRESSIONS:
             raise ValueError(f"nal_without_impressions: expected one of {NAL_WITHOUT_IMPRESSIONS}, "
                              f"got {self.nal_without_impressions!r}")

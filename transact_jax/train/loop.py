@@ -32,6 +32,7 @@ from transact_jax.model.builder import ModelDef
 from transact_jax.run.checkpoint import Checkpointer
 from transact_jax.run.config import ExperimentConfig
 from transact_jax.run.state import TrainState, init_state
+from transact_jax.train.early_stopping import EarlyStopping
 from transact_jax.train.nal_check import resolve_nal_negatives
 from transact_jax.train.objective import Targets
 from transact_jax.train.step import data_mesh, make_predict, make_train_step, replicate, shard_batch
@@ -47,6 +48,9 @@ class TrainResult:
     eval_metrics: Optional[Dict[str, float]]
     examples_per_second: float  # steady state: logged intervals after the first (which compiles)
     config: Optional[ExperimentConfig] = None  # the config trained (after resolve_nal_negatives)
+    best_step: Optional[int] = None            # early stopping (train.early_stopping_metric):
+    best_params: Any = None                    # the best evaluation's step, parameters (host)
+    best_eval_metrics: Optional[Dict[str, float]] = None   # and metrics
 
 
 class _StopTraining(Exception):
@@ -82,6 +86,11 @@ def train(cfg: ExperimentConfig, train_log: ExampleSource, *, workdir: Optional[
         raise ValueError("train_log: written with other feature/selection configs than cfg")
     cfg = resolve_nal_negatives(cfg, train_log)
     tc = cfg.train
+    stopper = None
+    if tc.early_stopping_metric:
+        if eval_log is None:
+            raise ValueError("train.early_stopping_metric: needs an eval_log to evaluate on")
+        stopper = EarlyStopping(tc.early_stopping_metric, tc.early_stopping_patience)
     mesh = data_mesh()
     mdef, state, opt = init_state(cfg)
 
@@ -120,9 +129,16 @@ def train(cfg: ExperimentConfig, train_log: ExampleSource, *, workdir: Optional[
 
     bar = tqdm(total=tc.steps, initial=start, disable=not progress, desc=cfg.name, unit="step")
     last: Dict[str, float] = {}
-    eval_metrics = None
+    eval_metrics, eval_step, done = None, None, start
     t_log, n_log, t_all, n_all = time.perf_counter(), 0, 0.0, 0
     first_logged = False
+
+    def run_eval(at: int) -> bool:
+        nonlocal eval_metrics, eval_step
+        eval_metrics, eval_step = evaluate(cfg, mdef, state.params, eval_log), at
+        _write(metrics_file, {"type": "eval", "step": at, **eval_metrics})
+        return stopper is not None and stopper.update(at, eval_metrics, state.params)
+
     try:
         for step in range(start, tc.steps):
             inputs, targets = next(it)
@@ -142,18 +158,19 @@ def train(cfg: ExperimentConfig, train_log: ExampleSource, *, workdir: Optional[
                 if on_step:
                     on_step(done, last)
             bar.update(1)
+            stop = False
             if eval_log is not None and tc.eval_every and done % tc.eval_every == 0 and done < tc.steps:
-                eval_metrics = evaluate(cfg, mdef, state.params, eval_log)
-                _write(metrics_file, {"type": "eval", "step": done, **eval_metrics})
+                stop = run_eval(done)
             if ckpt is not None and tc.checkpoint_every and done % tc.checkpoint_every == 0:
                 ckpt.save(state, it.get_state(), cfg)
             if stop_after is not None and done >= stop_after:
                 raise _StopTraining
+            if stop:   # early stopping: patience used up
+                break
         if ckpt is not None:
             ckpt.save(state, it.get_state(), cfg, force=True)
-        if eval_log is not None:
-            eval_metrics = evaluate(cfg, mdef, state.params, eval_log)
-            _write(metrics_file, {"type": "eval", "step": tc.steps, **eval_metrics})
+        if eval_log is not None and eval_step != done:
+            run_eval(done)
     except _StopTraining:
         pass
     finally:
@@ -163,7 +180,8 @@ def train(cfg: ExperimentConfig, train_log: ExampleSource, *, workdir: Optional[
         if metrics_file is not None:
             metrics_file.close()
     eps = n_all / t_all if t_all else 0.0
-    return TrainResult(state, mdef, last, eval_metrics, eps, cfg)
+    best = (stopper.best_step, stopper.best_params, stopper.best_metrics) if stopper else (None,) * 3
+    return TrainResult(state, mdef, last, eval_metrics, eps, cfg, *best)
 
 
 def _write(f, record: Dict[str, Any]) -> None:
