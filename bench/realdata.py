@@ -17,6 +17,10 @@ negatives; ``--nal-fallback in_batch`` (the default) makes them use in-batch neg
     python bench/realdata.py --quick             # CPU smoke run: tiny budget, results to a temp dir
     python bench/realdata.py --ratings PATH      # another MovieLens ratings file
 
+``--ablations k_ll=0,k_ll=32,k_ll=192,ll_selection=recent`` adds TransAct V2 trained on S_all
+selected differently (each variant logs its own feature logs; requests and labels are the same), as
+rows ``transact_v2[<variant>]`` of the same tables.
+
 Writes ``bench/results/realdata.{json,md,png}``; the JSON's ``headline`` has ``dataset``, ``seeds``,
 ``hit3_click_lift_v2_vs_transact_pct`` / ``_std``, ``auc_click_v2``, ``auc_click_transact``. The
 data itself is read from the path given and never written into the repository.
@@ -24,6 +28,7 @@ data itself is read from the path given and never written into the repository.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -34,6 +39,7 @@ from typing import Dict, List
 import numpy as np
 
 from _env import RESULTS, environment  # noqa: E402  (puts the repo root on sys.path)
+from transact_jax.config import SelectionConfig  # noqa: E402
 from transact_jax.data.feature_log import FeatureLog  # noqa: E402
 from transact_jax.data.interactions import InteractionRecipe  # noqa: E402
 from transact_jax.data.public import read_movielens, write_feature_logs  # noqa: E402
@@ -46,19 +52,32 @@ DEFAULT_RATINGS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", 
 HEADS = ("click", "repin", "hide")
 
 
-def prepare(args) -> Dict[str, FeatureLog]:
-    """Feature logs of the three splits (built once per data directory)."""
-    marker = os.path.join(args.data, "done")
+def prepare(args, sel: SelectionConfig, directory: str) -> Dict[str, FeatureLog]:
+    """Feature logs of the three splits with selection ``sel`` (built once per directory; the
+    requests and labels do not depend on ``sel``, only the logged S_all does)."""
+    marker = os.path.join(directory, "done")
     if not os.path.exists(marker):
         if not os.path.exists(args.ratings):
             raise SystemExit(f"no ratings file at {args.ratings}: give --ratings PATH (the data is "
                              f"not part of the repository)")
-        shutil.rmtree(args.data, ignore_errors=True)
+        shutil.rmtree(directory, ignore_errors=True)
         recipe = InteractionRecipe(negatives_per_request=args.negatives, seed=args.data_seed)
-        counts = write_feature_logs(read_movielens(args.ratings), args.data, recipe=recipe)
+        counts = write_feature_logs(read_movielens(args.ratings), directory, sel=sel, recipe=recipe)
         with open(marker, "w") as f:
             json.dump(counts, f)
-    return {s: FeatureLog(os.path.join(args.data, s)) for s in ("train", "eval", "test")}
+    return {s: FeatureLog(os.path.join(directory, s)) for s in ("train", "eval", "test")}
+
+
+def ablation_selections(spec: str) -> Dict[str, SelectionConfig]:
+    """``"k_ll=32,ll_selection=recent"`` -> one SelectionConfig per ``field=value`` (others default)."""
+    out = {}
+    for item in filter(None, spec.split(",")):
+        field, _, value = item.partition("=")
+        default = getattr(SelectionConfig(), field, None)
+        if default is None or not value:
+            raise SystemExit(f"--ablations: {item!r} is not field=value of SelectionConfig")
+        out[item] = dataclasses.replace(SelectionConfig(), **{field: type(default)(value)})
+    return out
 
 
 def curves(workdir: str, metric: str) -> Dict[str, list]:
@@ -88,8 +107,9 @@ def run(cfg: ExperimentConfig, logs: Dict[str, FeatureLog], metric: str) -> dict
 
 
 def paired_lift(model: List[dict], base: List[dict], key: str) -> Dict[str, object]:
-    lifts = np.array([100.0 * (m["test"][key] - b["test"][key]) / b["test"][key]
-                      for m, b in zip(model, base)])
+    """Lift in percent of ``model`` over ``base``, paired by seed (nan where the baseline is 0)."""
+    pairs = [(m["test"][key], b["test"][key]) for m, b in zip(model, base)]
+    lifts = np.array([100.0 * (m - b) / b if b else np.nan for m, b in pairs])
     return {"mean": float(lifts.mean()),
             "std": float(lifts.std(ddof=1)) if len(lifts) > 1 else float("nan"),
             "per_seed": lifts.tolist()}
@@ -171,6 +191,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--negatives", type=int, default=20, help="negatives per request")
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--nal-fallback", default="in_batch", choices=("in_batch", "warn"))
+    ap.add_argument("--ablations", default="",
+                    help="TransAct V2 with other S_all selections, e.g. 'k_ll=0,k_ll=32,k_ll=192,"
+                         "ll_selection=recent' (each logs its own feature logs)")
     ap.add_argument("--results", default=RESULTS)
     ap.add_argument("--quick", action="store_true", help="CPU smoke run (tiny budget, temp results)")
     args = ap.parse_args(argv)
@@ -181,7 +204,7 @@ def main(argv=None) -> dict:
             args.results = os.path.join(args.data, "results")
     seeds = [int(s) for s in args.seeds.split(",")]
     models = args.models.split(",")
-    logs = prepare(args)
+    logs = prepare(args, SelectionConfig(), args.data)
     base = ExperimentConfig(train=TrainConfig(
         batch_size=args.batch_size, steps=args.steps, learning_rate=args.learning_rate,
         warmup_steps=max(args.steps // 20, 1), log_every=max(args.steps // 40, 1),
@@ -191,6 +214,11 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     results = {m: [run(preset(m, base, seed=s), logs, args.early_stop_metric) for s in seeds]
                for m in models}
+    for variant, sel in ablation_selections(args.ablations).items():
+        v_logs = prepare(args, sel, os.path.join(args.data, variant.replace("=", "_")))
+        v_base = dataclasses.replace(base, selection=sel)
+        results[f"transact_v2[{variant}]"] = [
+            run(preset("transact_v2", v_base, seed=s), v_logs, args.early_stop_metric) for s in seeds]
     rows = summarize(results)
     headline = {"dataset": os.path.basename(os.path.dirname(os.path.abspath(args.ratings))),
                 "seeds": len(seeds)}
@@ -205,6 +233,7 @@ def main(argv=None) -> dict:
             "learning_rate": args.learning_rate, "eval_every": args.eval_every, "patience": args.patience,
             "early_stop_metric": args.early_stop_metric, "seeds": len(seeds), "seed_values": seeds,
             "nal_fallback": args.nal_fallback, "negatives_per_request": args.negatives,
+            "ablations": args.ablations,
             "examples": {k: len(v) for k, v in logs.items()}, "environment": environment(),
             "headline": headline, "wall_seconds": time.perf_counter() - t0}
     payload = {"benchmark": "realdata", **meta, "rows": rows, "runs": results}

@@ -6,6 +6,7 @@ encoder implementations, and the on-device S_all assembly against the logged-fea
 """
 from __future__ import annotations
 
+import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -104,3 +105,31 @@ def test_broadcast_s_all_equals_logged_features(impl):
     dev = select_s_all_device(dense("ll"), dense("rt"), dense("imp"),
                               jnp.asarray(req.cand_embedding), None, feat=FEAT, sel=SEL, impl=impl)
     _assert_same_s_all(dev, select_s_all(req, FEAT, SEL))
+
+
+@pytest.mark.parametrize("impl", ["pallas_triton", "xla"])
+def test_recent_ll_selection_is_the_same_on_host_and_device(impl):
+    """The ``ll_selection="recent"`` ablation: the ll segment holds the K_LL most recent S_LL tokens
+    (chronological, padding last) for every candidate, on every path."""
+    sel = dataclasses.replace(SEL, ll_selection="recent")
+    req = _requests()
+    host = select_s_all(req, FEAT, sel)
+    ll = host.source_index[:, sel.segment("ll")]
+    for n, u in enumerate(req.cand_to_req):
+        length = req.ll.lengths[u]
+        want = np.arange(max(length - sel.k_ll, 0), length)
+        np.testing.assert_array_equal(ll[n, :len(want)], want)
+        assert (ll[n, len(want):] == -1).all()
+    # the other segments are untouched by the option
+    nn = select_s_all(req, FEAT, SEL)
+    rest = slice(sel.k_ll, None)
+    np.testing.assert_array_equal(host.source_index[:, rest], nn.source_index[:, rest])
+    dev = select_s_all_device(*(DeviceSequences.from_jagged(s) for s in (req.ll, req.rt, req.imp)),
+                              jnp.asarray(req.cand_embedding), jnp.asarray(req.cand_to_req),
+                              feat=FEAT, sel=sel, impl=impl)
+    _assert_same_s_all(dev, host)
+
+
+def test_ll_selection_is_validated():
+    with pytest.raises(ValueError, match="ll_selection"):
+        SelectionConfig(ll_selection="random")

@@ -179,3 +179,18 @@ def test_cli_writes_feature_logs_ready_for_training(tmp_path, capsys):
     for split in ("train", "eval", "test"):
         log = FeatureLog(str(out / split))
         assert len(log) > 0 and log.feat == FEAT
+
+
+def test_new_items_do_not_give_the_label_away():
+    """Items first seen after the training period (zero embeddings) appear among the sampled
+    negatives of later splits too, not only among their positives."""
+    rows = ratings(users=20, items=80, sessions=6)
+    t_split = np.quantile([r[3] for r in rows], 0.8)
+    rows = [(u, i + 1000 if t >= t_split and i % 2 else i, r, t) for u, i, r, t in rows]  # new items
+    logs = build_event_logs(interactions(rows), InteractionRecipe(negatives_per_request=10))
+    zero = logs["train"].items.item_id[~logs["train"].items.embedding.any(axis=1)]
+    for split in ("eval", "test"):
+        rq = logs[split].requests
+        new = np.isin(rq.item_id, zero)
+        positive = rq.labels.any(axis=1)
+        assert new[positive].any() and new[~positive].any(), split

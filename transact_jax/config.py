@@ -112,6 +112,9 @@ class FeatureConfig:
         return self.action_mask(self.negative_actions)
 
 
+LL_SELECTIONS = ("nn", "recent")
+
+
 @dataclasses.dataclass(frozen=True)
 class SelectionConfig:
     """Sequence limits and the NN selection that builds S_all (paper §3.2.2; docs/design.md, "NN
@@ -129,6 +132,10 @@ class SelectionConfig:
       k_ll, r, k_rt, k_imp: segment sizes (K_LL, r, K_RT, K_imp).
       num_nal_negatives: M, the user's M most recent impressions logged per example as NAL negatives
         (chronological, padding last).
+      ll_selection: how the K_LL lifelong tokens are chosen: ``"nn"`` (the paper's NN(S_LL, c;
+        K_LL), the default) or ``"recent"`` (the K_LL most recent tokens of S_LL, the same for every
+        candidate): an ablation that separates the value of the lifelong history from the value of
+        selecting in it by similarity.
     """
 
     max_ll_len: int = 10_000
@@ -139,9 +146,14 @@ class SelectionConfig:
     k_rt: int = 32
     k_imp: int = 32
     num_nal_negatives: int = 32
+    ll_selection: str = "nn"
 
     def __post_init__(self):
+        if self.ll_selection not in LL_SELECTIONS:
+            raise ValueError(f"ll_selection: expected one of {LL_SELECTIONS}, got {self.ll_selection!r}")
         for f in dataclasses.fields(self):
+            if f.name == "ll_selection":
+                continue
             value = getattr(self, f.name)
             if not isinstance(value, (int, np.integer)) or value < 0:
                 raise ValueError(f"{f.name}: must be a non-negative int, got {value!r}")

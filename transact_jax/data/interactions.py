@@ -18,13 +18,17 @@ event logs of :mod:`transact_jax.data.events`, split by time into train / eval /
    session itself or later is visible.
 3. **Negatives.** Impressions of the session (exposures at ``T <= t <= session end`` the user did
    not engage with) are candidates with all-zero labels. When a request has fewer than
-   ``negatives_per_request`` of them, the rest are sampled from the training period's items with
-   probability proportional to ``count ** popularity_power`` (popularity-sampled), never an item the
-   user interacted with up to the session's end; deterministic in ``seed``.
-4. **Split** by request time, with no leakage: requests with ``T`` before the ``eval_quantile``
-   quantile of request times are train, then eval up to ``test_quantile``, then test. Item
-   embeddings (:mod:`transact_jax.data.item_embeddings`) are learned from interactions before the
-   eval cutoff only, and popularity counts use the same period.
+   ``negatives_per_request`` of them, the rest are sampled from the items interacted with in the
+   request's own period (train, eval or test; see 4) with probability proportional to
+   ``count ** popularity_power`` in that period (popularity-sampled), never an item the user
+   interacted with up to the session's end; deterministic in ``seed``. Sampling by the period's own
+   popularity makes negatives follow the item distribution of that period's positives. Sampling
+   from the training period instead would give a label away: items new in the eval or test period
+   (unseen in training, so with zero embeddings) would then appear only among positives.
+4. **Split** by request time, with no leakage into features: requests with ``T`` before the
+   ``eval_quantile`` quantile of request times are train, then eval up to ``test_quantile``, then
+   test. Item embeddings (:mod:`transact_jax.data.item_embeddings`) are learned from interactions
+   before the eval cutoff only; sequences hold only events before each request.
 
 The returned event logs share events and items; each has its split's requests.
 """
@@ -87,7 +91,7 @@ class InteractionRecipe:
     negative_rating: float = 2.0
     session_gap_s: int = 1800
     negatives_per_request: int = 20
-    popularity_power: float = 0.75
+    popularity_power: float = 1.0
     eval_quantile: float = 0.8
     test_quantile: float = 0.9
     surface: str = "other"
@@ -232,7 +236,7 @@ def build_event_logs(data: Interactions, recipe: InteractionRecipe = Interaction
     c_req, c_item, labels = _candidates(sid, item[ex], acts[ex], feat)
 
     t_eval, t_test = _cutoff(req_time, recipe.eval_quantile), _cutoff(req_time, recipe.test_quantile)
-    train_period = explicit & (time < t_eval)
+    train_period = explicit & (time < t_eval)      # item embeddings come from this period only
 
     n_req = len(req_time)
     engaged = [set() for _ in range(n_req)]
@@ -244,14 +248,21 @@ def build_event_logs(data: Interactions, recipe: InteractionRecipe = Interaction
     for r, it in zip(i_req.tolist(), i_item.tolist()):
         taken[r].add(it)
     need = np.maximum(recipe.negatives_per_request - np.bincount(i_req, minlength=n_req), 0)
-    popular, counts = np.unique(item[train_period], return_counts=True)
-    probs = counts.astype(np.float64) ** recipe.popularity_power
     bounds_u = np.r_[0, np.flatnonzero(np.diff(user[ex])) + 1, len(ex)]
     user_items = {int(user[ex][a]): (item[ex][a:b], time[ex][a:b])
                   for a, b in zip(bounds_u[:-1], bounds_u[1:])}
-    s_req, s_item = _sampled_negatives(np.random.default_rng(recipe.seed), need, req_user, req_end,
-                                       taken, user_items, popular,
-                                       probs / probs.sum() if len(probs) else probs)
+    rng = np.random.default_rng(recipe.seed)
+    period = np.digitize(time, [t_eval, t_test])        # 0 train, 1 eval, 2 test
+    req_period = np.digitize(req_time, [t_eval, t_test])
+    sampled = []
+    for p in range(len(SPLITS)):          # negatives follow the item distribution of their period
+        popular, counts = np.unique(item[explicit & (period == p)], return_counts=True)
+        probs = counts.astype(np.float64) ** recipe.popularity_power
+        sampled.append(_sampled_negatives(rng, np.where(req_period == p, need, 0), req_user, req_end,
+                                          taken, user_items, popular,
+                                          probs / probs.sum() if len(probs) else probs))
+    s_req = np.concatenate([r for r, _ in sampled])
+    s_item = np.concatenate([i for _, i in sampled])
 
     rows_req = np.concatenate([c_req, i_req, s_req])
     rows_item = np.concatenate([c_item, i_item, s_item])

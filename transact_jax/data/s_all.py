@@ -50,10 +50,16 @@ def segment_indices(lengths: Mapping[str, Any], sel: SelectionConfig, search: Se
 
     ``lengths[family]`` are the (U,) sequence lengths of ``"ll"``, ``"rt"``, ``"imp"``;
     ``per_candidate`` maps a per-request (U, ...) array to its candidates (N, ...).
+    ``sel.ll_selection="recent"`` fills the ``ll`` segment with the K_LL most recent S_LL tokens
+    instead of NN(S_LL, c; K_LL) (an ablation).
     """
     rt_old = xp.maximum(lengths["rt"] - sel.r, 0)
+    if sel.ll_selection == "recent":      # ablation: the most recent K_LL, not the nearest
+        ll = per_candidate(recent_index(lengths["ll"], sel.k_ll, xp))
+    else:
+        ll = search("ll", lengths["ll"], sel.k_ll)
     return {
-        "ll": search("ll", lengths["ll"], sel.k_ll),
+        "ll": ll,
         "rt_recent": per_candidate(recent_index(lengths["rt"], sel.r, xp)),
         "rt_nn": search("rt", rt_old, sel.k_rt),
         "imp": search("imp", lengths["imp"], sel.k_imp),
