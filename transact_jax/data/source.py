@@ -37,11 +37,10 @@ class ExampleSource(Protocol):
     sel: SelectionConfig
 
     def __len__(self) -> int:
-        ...
+        """The number of examples."""
 
     def read(self, indices: Indices) -> TrainingExamples:
         """Examples at ``indices`` (a 1-D int array; any order, repeats allowed), in that order."""
-        ...
 
 
 def check_indices(indices: Indices, length: int, what: str) -> np.ndarray:

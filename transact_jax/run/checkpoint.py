@@ -69,6 +69,15 @@ class LoadedRun:
         return self.state.params
 
 
+def _abstract_state(cfg: ExperimentConfig) -> TrainState:
+    """Shapes, dtypes and placement of ``cfg``'s TrainState, without initializing anything (the
+    restore target; a resumed run or a Ranker does not pay for a throw-away initialization)."""
+    shapes = jax.eval_shape(lambda: init_state(cfg)[1])
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+
+
 class Checkpointer:
     """Thin wrapper over ``orbax.checkpoint.CheckpointManager`` for a run's state, input position
     and config."""
@@ -105,8 +114,7 @@ class Checkpointer:
         cfg = self.stored_config(step)
         if expect is not None:
             check_compatible(cfg, expect)
-        _, template, _ = init_state(cfg)
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+        abstract = _abstract_state(cfg)
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
         return LoadedRun(cfg, out["state"], out["data"], step)
