@@ -1,13 +1,13 @@
-"""Real-data benchmark: the Table 2 presets on a public interaction log (MovieLens by default).
+"""Real-data benchmark: the Table 2 presets and lifelong-sequence ablations on a public interaction
+log (MovieLens ml-latest-small by default).
 
-Requests come from ``python -m transact_jax data`` (the recipe of
-``transact_jax.data.interactions``: sessions as requests, rated items and popularity-sampled
-negatives as candidates, a time split into train / eval / test, item embeddings from the training
-period). Every model gets the same budget (steps x batch), several seeds, early stopping on the eval
-split's metric (``--early-stop-metric``; the best evaluation's parameters are kept) and is scored
-on the test split: HIT@3 / AUC / NE per head, lifts against Wide&Deep and TransAct V2 against
-TransAct (RT), paired by seed, mean and sample standard deviation over seeds. Learning curves (train
-loss, eval metric over steps) go into the JSON and the plot.
+Requests come from the recipe of ``transact_jax.data.interactions`` (sessions as requests, rated
+items and popularity-sampled negatives as candidates, a time split into train / eval / test, item
+embeddings from the training period). Every model gets the same budget (steps x batch), several
+seeds, early stopping on the eval split's metric (``--early-stop-metric``; the best evaluation's
+parameters are kept) and is scored on the test split: HIT@3 / AUC / NE per head, lifts against
+Wide&Deep and against TransAct (RT), paired by seed, mean and sample standard deviation over seeds.
+Learning curves (train loss, eval metric over steps) go into the JSON and the plot.
 
 MovieLens has no impressions, so presets with impression-negative NAL would train without NAL
 negatives; ``--nal-fallback in_batch`` (the default) makes them use in-batch negatives instead
@@ -17,9 +17,16 @@ negatives; ``--nal-fallback in_batch`` (the default) makes them use in-batch neg
     python bench/realdata.py --quick             # CPU smoke run: tiny budget, results to a temp dir
     python bench/realdata.py --ratings PATH      # another MovieLens ratings file
 
-``--ablations k_ll=0,k_ll=32,k_ll=192,ll_selection=recent`` adds TransAct V2 trained on S_all
-selected differently (each variant logs its own feature logs; requests and labels are the same), as
-rows ``transact_v2[<variant>]`` of the same tables.
+**Ablations** (``--ablations``, default :data:`DEFAULT_ABLATIONS`, ``none`` for none): each item is
+``[preset@]section.field=value[+section.field=value...]`` with ``section`` one of ``selection``,
+``model``, ``train``, ``recipe`` (tuple values separated by ``/``); the preset defaults to
+``transact_v2``. Variants that change the selection or the recipe get their own feature logs (the
+requests are the same). Each becomes a row ``preset[item]`` of the same tables.
+
+**Jobs.** ``--jobs N`` runs N trainings at once in separate processes (one small model leaves most
+of a GPU idle). Every finished run is stored in ``--cache`` (one JSON per run); a rerun skips runs
+already there, so a long sweep can be split over several calls. Runs missing at the end are listed
+in the JSON as ``missing``.
 
 Writes ``bench/results/realdata.{json,md,png}``; the JSON's ``headline`` has ``dataset``, ``seeds``,
 ``hit3_click_lift_v2_vs_transact_pct`` / ``_std``, ``auc_click_v2``, ``auc_click_transact``. The
@@ -28,56 +35,132 @@ data itself is read from the path given and never written into the repository.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import dataclasses
+import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from _env import RESULTS, environment  # noqa: E402  (puts the repo root on sys.path)
 from transact_jax.config import SelectionConfig  # noqa: E402
-from transact_jax.data.feature_log import FeatureLog  # noqa: E402
-from transact_jax.data.interactions import InteractionRecipe  # noqa: E402
-from transact_jax.data.public import read_movielens, write_feature_logs  # noqa: E402
+from transact_jax.data.interactions import InteractionRecipe, feature_config_for  # noqa: E402
+from transact_jax.model.config import ModelConfig  # noqa: E402
 from transact_jax.run.config import ExperimentConfig, TrainConfig  # noqa: E402
-from transact_jax.run.presets import PRESET_NAMES, preset  # noqa: E402
-from transact_jax.train.loop import evaluate, train  # noqa: E402
 
 DEFAULT_RATINGS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                                "ml-latest-small", "ratings.csv")
 HEADS = ("click", "repin", "hide")
+SPLIT_NAMES = ("train", "eval", "test")
+DEFAULT_ABLATIONS = ",".join([
+    "selection.k_ll=0", "selection.k_ll=32", "selection.k_ll=192",
+    "selection.ll_selection=recent", "selection.ll_selection=random",
+    "model.token_features=similarity", "model.token_features=age",
+    "model.token_features=similarity/age",
+    "model.dropout=0.1", "train.weight_decay=0.01",
+    "recipe.item_id_feature=full", "transact@recipe.item_id_feature=full",
+    "train.early_stopping_patience=0",
+])
+SECTIONS = {"selection": SelectionConfig, "model": ModelConfig, "train": TrainConfig,
+            "recipe": InteractionRecipe}
 
 
-def prepare(args, sel: SelectionConfig, directory: str) -> Dict[str, FeatureLog]:
-    """Feature logs of the three splits with selection ``sel`` (built once per directory; the
-    requests and labels do not depend on ``sel``, only the logged S_all does)."""
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A preset with overrides per section: ``{"model": {"dropout": 0.1}, ...}``."""
+
+    label: str
+    preset: str
+    overrides: Tuple[Tuple[str, Tuple[Tuple[str, object], ...]], ...] = ()
+
+    def section(self, name: str) -> Dict[str, object]:
+        return dict(dict(self.overrides).get(name, ()))
+
+
+def _value(cls, field: str, text: str, item: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if field not in fields:
+        raise SystemExit(f"--ablations: {item!r}: {cls.__name__} has no field {field!r}")
+    default = getattr(cls(), field)
+    if isinstance(default, tuple):
+        return tuple(v for v in text.split("/") if v)
+    if isinstance(default, bool):
+        return text.lower() in ("1", "true", "yes")
+    return type(default)(text)
+
+
+def parse_ablations(spec: str) -> List[Variant]:
+    """``--ablations`` (module docstring) -> variants."""
+    if spec in ("", "none"):
+        return []
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        preset_name, _, body = item.rpartition("@")
+        sections: Dict[str, Dict[str, object]] = {}
+        for assign in body.split("+"):
+            key, _, text = assign.partition("=")
+            section, _, field = key.partition(".")
+            if section not in SECTIONS or not field or not text:
+                raise SystemExit(f"--ablations: {assign!r} is not section.field=value with section "
+                                 f"in {tuple(SECTIONS)}")
+            sections.setdefault(section, {})[field] = _value(SECTIONS[section], field, text, item)
+        name = preset_name or "transact_v2"
+        out.append(Variant(f"{name}[{body}]", name,
+                           tuple((s, tuple(sorted(f.items()))) for s, f in sorted(sections.items()))))
+    return out
+
+
+def recipe_of(args, variant: Variant) -> InteractionRecipe:
+    return dataclasses.replace(InteractionRecipe(negatives_per_request=args.negatives,
+                                                 seed=args.data_seed), **variant.section("recipe"))
+
+
+def selection_of(variant: Variant) -> SelectionConfig:
+    return dataclasses.replace(SelectionConfig(), **variant.section("selection"))
+
+
+def log_dir(args, variant: Variant) -> str:
+    """Feature logs depend only on the selection and the recipe: variants that agree share them."""
+    key = json.dumps([variant.section("selection"), variant.section("recipe")], sort_keys=True,
+                     default=str)
+    if key == json.dumps([{}, {}]):
+        return os.path.join(args.data, "base")
+    return os.path.join(args.data, "v_" + hashlib.sha1(key.encode()).hexdigest()[:10])
+
+
+def build_logs(ratings: str, directory: str, sel: SelectionConfig, recipe: InteractionRecipe) -> dict:
+    """Feature logs of the three splits in ``directory`` (once; a ``done`` marker records them)."""
+    from transact_jax.data.public import read_movielens, write_feature_logs
     marker = os.path.join(directory, "done")
     if not os.path.exists(marker):
-        if not os.path.exists(args.ratings):
-            raise SystemExit(f"no ratings file at {args.ratings}: give --ratings PATH (the data is "
-                             f"not part of the repository)")
         shutil.rmtree(directory, ignore_errors=True)
-        recipe = InteractionRecipe(negatives_per_request=args.negatives, seed=args.data_seed)
-        counts = write_feature_logs(read_movielens(args.ratings), directory, sel=sel, recipe=recipe)
+        data = read_movielens(ratings)
+        feat = feature_config_for(data, recipe)
+        t0 = time.perf_counter()
+        counts = write_feature_logs(data, directory, feat=feat, sel=sel, recipe=recipe)
         with open(marker, "w") as f:
-            json.dump(counts, f)
-    return {s: FeatureLog(os.path.join(directory, s)) for s in ("train", "eval", "test")}
+            json.dump({"examples": counts, "seconds": time.perf_counter() - t0}, f)
+    with open(marker) as f:
+        return json.load(f)
 
 
-def ablation_selections(spec: str) -> Dict[str, SelectionConfig]:
-    """``"k_ll=32,ll_selection=recent"`` -> one SelectionConfig per ``field=value`` (others default)."""
-    out = {}
-    for item in filter(None, spec.split(",")):
-        field, _, value = item.partition("=")
-        default = getattr(SelectionConfig(), field, None)
-        if default is None or not value:
-            raise SystemExit(f"--ablations: {item!r} is not field=value of SelectionConfig")
-        out[item] = dataclasses.replace(SelectionConfig(), **{field: type(default)(value)})
-    return out
+def experiment(args, variant: Variant, seed: int, feat) -> ExperimentConfig:
+    from transact_jax.run.presets import preset
+    train = dataclasses.replace(TrainConfig(
+        batch_size=args.batch_size, steps=args.steps, learning_rate=args.learning_rate,
+        warmup_steps=max(args.steps // 20, 1), log_every=max(args.steps // 40, 1),
+        eval_every=args.eval_every, checkpoint_every=0, early_stopping_metric=args.early_stop_metric,
+        early_stopping_patience=args.patience, nal_without_impressions=args.nal_fallback),
+        **variant.section("train"))
+    model = dataclasses.replace(ModelConfig(), **variant.section("model"))
+    base = ExperimentConfig(feature=feat, selection=selection_of(variant), model=model, train=train)
+    return preset(variant.preset, base, seed=seed)
 
 
 def curves(workdir: str, metric: str) -> Dict[str, list]:
@@ -89,89 +172,166 @@ def curves(workdir: str, metric: str) -> Dict[str, list]:
             "eval_metric": [r[metric] for r in recs if r["type"] == "eval"]}
 
 
-def run(cfg: ExperimentConfig, logs: Dict[str, FeatureLog], metric: str) -> dict:
+def run_one(args, variant: Variant, seed: int) -> dict:
+    """Train one (variant, seed) on its feature logs; test-split metrics of the best parameters."""
+    from transact_jax.data.feature_log import FeatureLog
+    from transact_jax.train.loop import evaluate, train
     t0 = time.perf_counter()
+    d = log_dir(args, variant)
+    logs = {s: FeatureLog(os.path.join(d, s)) for s in SPLIT_NAMES}
+    cfg = experiment(args, variant, seed, logs["train"].feat)
     workdir = tempfile.mkdtemp(prefix="realdata_")
     try:
         r = train(cfg, logs["train"], eval_log=logs["eval"], workdir=workdir, progress=False)
         test = evaluate(r.config, r.model_def, r.best_params, logs["test"])
-        out = {"test": test, "best_step": r.best_step, "best_eval": r.best_eval_metrics,
-               "trained_nal_negatives": r.config.train.nal_negatives,
-               "curves": curves(workdir, metric), "train_seconds": time.perf_counter() - t0}
+        out = {"label": variant.label, "seed": seed, "test": test, "best_step": r.best_step,
+               "best_eval": r.best_eval_metrics, "trained_nal_negatives": r.config.train.nal_negatives,
+               "curves": curves(workdir, args.early_stop_metric),
+               "train_seconds": time.perf_counter() - t0, "environment": environment()}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"  {cfg.name:22s} seed={cfg.train.seed} best step {out['best_step']:5d}  test "
+    print(f"  {variant.label:48s} seed={seed} best step {out['best_step']:5d}  test "
           + "  ".join(f"hit@3/{h}={test[f'hit@3/{h}']:.3f} auc/{h}={test[f'auc/{h}']:.3f}"
-                      for h in HEADS) + f"  ({out['train_seconds']:.0f} s)", flush=True)
+                      for h in ("click", "repin")) + f"  ({out['train_seconds']:.0f} s)", flush=True)
     return out
 
 
-def paired_lift(model: List[dict], base: List[dict], key: str) -> Dict[str, object]:
-    """Lift in percent of ``model`` over ``base``, paired by seed (nan where the baseline is 0)."""
-    pairs = [(m["test"][key], b["test"][key]) for m, b in zip(model, base)]
-    lifts = np.array([100.0 * (m - b) / b if b else np.nan for m, b in pairs])
-    return {"mean": float(lifts.mean()),
-            "std": float(lifts.std(ddof=1)) if len(lifts) > 1 else float("nan"),
-            "per_seed": lifts.tolist()}
+def _cache_path(args, variant: Variant, seed: int) -> str:
+    key = hashlib.sha1(json.dumps([variant.label, seed, args.steps, args.batch_size, args.learning_rate,
+                                   args.eval_every, args.patience, args.early_stop_metric,
+                                   args.negatives, args.data_seed, args.nal_fallback]).encode())
+    return os.path.join(args.cache, f"{key.hexdigest()[:16]}.json")
+
+
+def _cached_run(args, variant: Variant, seed: int) -> dict:
+    out = run_one(args, variant, seed)
+    path = _cache_path(args, variant, seed)
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f)
+    os.replace(path + ".tmp", path)
+    return out
+
+
+def _pool(jobs: int) -> cf.Executor:
+    return cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+
+
+def run_all(args, variants: List[Variant], seeds: List[int], train: bool = True
+            ) -> Dict[str, List[dict]]:
+    """Every (variant, seed), from the cache or trained (``--jobs`` at once; with ``train=False``
+    only what the cache holds)."""
+    todo, results = [], {v.label: {} for v in variants}
+    for v in variants:
+        for s in seeds:
+            path = _cache_path(args, v, s)
+            if os.path.exists(path):
+                with open(path) as f:
+                    results[v.label][s] = json.load(f)
+            else:
+                todo.append((v, s))
+    print(f"{sum(len(r) for r in results.values())} runs cached, {len(todo)} to train", flush=True)
+    if not train:
+        todo = []
+    with _pool(args.jobs) as pool:
+        futures = {pool.submit(_cached_run, args, v, s): (v, s) for v, s in todo}
+        for fut in cf.as_completed(futures):
+            v, s = futures[fut]
+            results[v.label][s] = fut.result()
+    return {label: [runs[s] for s in seeds if s in runs] for label, runs in results.items()}
+
+
+def paired(model: List[dict], base: List[dict], key: str, relative: bool) -> Optional[Dict[str, object]]:
+    """Paired by seed: lift in percent (``relative``) or difference of ``key``; mean, sample std."""
+    by_seed = {b["seed"]: b["test"][key] for b in base}
+    pairs = [(m["test"][key], by_seed[m["seed"]]) for m in model if m["seed"] in by_seed]
+    if not pairs:
+        return None
+    d = np.array([(100.0 * (m - b) / b if b else np.nan) if relative else m - b for m, b in pairs])
+    return {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else float("nan"),
+            "per_seed": d.tolist()}
 
 
 def summarize(results: Dict[str, List[dict]]) -> List[dict]:
     rows = []
     for name, runs in results.items():
+        if not runs:
+            continue
         row = {"model": name, "seeds": len(runs)}
         for h in HEADS:
             for m in ("hit@3", "auc", "ne"):
                 vals = [r["test"][f"{m}/{h}"] for r in runs]
                 row[f"{m}/{h}"] = {"mean": float(np.mean(vals)),
                                    "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")}
-            if name != "wide_deep" and "wide_deep" in results:
-                row[f"hit3_{h}_lift_vs_wide_deep"] = paired_lift(runs, results["wide_deep"], f"hit@3/{h}")
+        for base in ("wide_deep", "transact"):
+            if name != base and results.get(base):
+                row[f"hit3_click_lift_vs_{base}"] = paired(runs, results[base], "hit@3/click", True)
+                row[f"auc_click_diff_vs_{base}"] = paired(runs, results[base], "auc/click", False)
+        lift, auc = row.get("hit3_click_lift_vs_transact"), row.get("auc_click_diff_vs_transact")
+        row["beats_transact_by_1std"] = bool(
+            lift and auc and lift["mean"] > lift["std"] and auc["mean"] > auc["std"])
         row["best_step_mean"] = float(np.mean([r["best_step"] for r in runs]))
         rows.append(row)
     return rows
 
 
+def _pm(d: Optional[dict], fmt: str) -> str:
+    return "-" if d is None else f"{d['mean']:{fmt}} ± {d['std']:{fmt.lstrip('+')}}"
+
+
 def markdown(rows: List[dict], meta: dict) -> str:
-    lines = [f"# Table 2 presets on {meta['dataset']} (test split)", "",
-             f"{meta['steps']} steps x batch {meta['batch_size']} per model, early stopping on the eval "
-             f"split's {meta['early_stop_metric']} (every {meta['eval_every']} steps, patience "
-             f"{meta['patience']}), {meta['seeds']} seeds (mean ± std); NAL fallback "
-             f"{meta['nal_fallback']!r}; device {meta['environment']['device']}.", "",
-             "| model | HIT@3 click | AUC click | HIT@3 repin | AUC repin | click lift vs W&D |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [f"# Table 2 presets and lifelong-sequence ablations on {meta['dataset']} (test split)", "",
+             f"{meta['steps']} steps x batch {meta['batch_size']} per model at most, early stopping on "
+             f"the eval split's {meta['early_stop_metric']} (every {meta['eval_every']} steps, patience "
+             f"{meta['patience']}), seeds {meta['seed_values']} (mean ± sample std; lifts paired by "
+             f"seed); NAL fallback {meta['nal_fallback']!r}; device {meta['environment']['device']}.",
+             "", "| model | HIT@3 click | AUC click | HIT@3 repin | HIT@3 click lift vs W&D | "
+             "HIT@3 click lift vs TransAct | AUC click diff vs TransAct | > 1 std | best step |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lift = r.get("hit3_click_lift_vs_wide_deep")
-        lift_s = "-" if lift is None else f"{lift['mean']:+.2f}% ± {lift['std']:.2f}"
-        lines.append(f"| {r['model']} | {r['hit@3/click']['mean']:.4f} ± {r['hit@3/click']['std']:.4f} | "
-                     f"{r['auc/click']['mean']:.4f} ± {r['auc/click']['std']:.4f} | "
-                     f"{r['hit@3/repin']['mean']:.4f} | {r['auc/repin']['mean']:.4f} | {lift_s} |")
+        lines.append(
+            f"| {r['model']} | {_pm(r['hit@3/click'], '.4f')} | {_pm(r['auc/click'], '.4f')} | "
+            f"{_pm(r['hit@3/repin'], '.4f')} | {_pm(r.get('hit3_click_lift_vs_wide_deep'), '+.2f')}% | "
+            f"{_pm(r.get('hit3_click_lift_vs_transact'), '+.2f')}% | "
+            f"{_pm(r.get('auc_click_diff_vs_transact'), '+.4f')} | "
+            f"{'yes' if r['beats_transact_by_1std'] else 'no'} | {r['best_step_mean']:.0f} |")
     h = meta["headline"]
-    lines += ["", f"TransAct V2 vs TransAct (RT), HIT@3 click: {h['hit3_click_lift_v2_vs_transact_pct']:+.2f}% "
-              f"± {h['hit3_click_lift_v2_vs_transact_std']:.2f}; AUC click {h['auc_click_v2']:.4f} vs "
-              f"{h['auc_click_transact']:.4f}."]
+    if "hit3_click_lift_v2_vs_transact_pct" in h:
+        lines += ["", f"TransAct V2 vs TransAct (RT), HIT@3 click: "
+                      f"{h['hit3_click_lift_v2_vs_transact_pct']:+.2f}% ± "
+                      f"{h['hit3_click_lift_v2_vs_transact_std']:.2f}; AUC click {h['auc_click_v2']:.4f} "
+                      f"vs {h['auc_click_transact']:.4f}. Configurations beating TransAct (RT) by more "
+                      f"than one std in both: {h['beats_transact_by_1std'] or 'none'}."]
+    if meta["missing"]:
+        lines += ["", f"Missing runs (not trained in this sweep): {meta['missing']}"]
     return "\n".join(lines) + "\n"
 
 
-def plot(results: Dict[str, List[dict]], metric: str, path: str) -> None:
+def plot(results: Dict[str, List[dict]], rows: List[dict], metric: str, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
-    for i, (name, runs) in enumerate(results.items()):
-        color = f"C{i}"
-        for k, r in enumerate(runs):
-            c = r["curves"]
-            a.plot(c["train_step"], c["train_loss"], color=color, alpha=0.6,
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(19, 5), gridspec_kw={"width_ratios": [1, 1, 1.3]})
+    presets = [n for n in results if "[" not in n]
+    for i, name in enumerate(presets):
+        for k, r in enumerate(results[name]):
+            cv = r["curves"]
+            a.plot(cv["train_step"], cv["train_loss"], color=f"C{i}", alpha=0.6,
                    label=name if k == 0 else None)
-            b.plot(c["eval_step"], c["eval_metric"], color=color, marker=".", alpha=0.8,
+            b.plot(cv["eval_step"], cv["eval_metric"], color=f"C{i}", marker=".", alpha=0.8,
                    label=name if k == 0 else None)
-    a.set_xlabel("step")
-    a.set_ylabel("train loss")
-    a.set_title("training loss")
-    b.set_xlabel("step")
-    b.set_ylabel(f"eval {metric}")
-    b.set_title(f"validation {metric} (early stopping)")
-    b.legend(fontsize=8)
+    a.set(xlabel="step", ylabel="train loss", title="training loss")
+    b.set(xlabel="step", ylabel=f"eval {metric}", title=f"validation {metric} (early stopping)")
+    b.legend(fontsize=7)
+    bars = [r for r in rows if r.get("hit3_click_lift_vs_transact")]
+    y = np.arange(len(bars))
+    c.barh(y, [r["hit3_click_lift_vs_transact"]["mean"] for r in bars],
+           xerr=[np.nan_to_num(r["hit3_click_lift_vs_transact"]["std"]) for r in bars],
+           color=["C2" if r["beats_transact_by_1std"] else "C7" for r in bars])
+    c.set_yticks(y, [r["model"] for r in bars], fontsize=7)
+    c.axvline(0, color="k", lw=0.8)
+    c.invert_yaxis()
+    c.set(xlabel="HIT@3 click lift vs TransAct (RT), % (mean ± std over seeds)",
+          title="does the lifelong sequence pay off?")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -180,71 +340,88 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratings", default=DEFAULT_RATINGS, help="MovieLens ratings.csv / ratings.dat")
     ap.add_argument("--data", default="/tmp/transact_realdata", help="where the feature logs go")
-    ap.add_argument("--models", default=",".join(PRESET_NAMES))
+    ap.add_argument("--cache", help="finished runs (default DATA/runs)")
+    ap.add_argument("--models", default="wide_deep,bst,transact,transact_nal_inbatch,transact_v2")
+    ap.add_argument("--ablations", default=DEFAULT_ABLATIONS)
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--learning-rate", type=float, default=2e-3)
-    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--patience", type=int, default=5)
     ap.add_argument("--early-stop-metric", default="auc/click")
     ap.add_argument("--negatives", type=int, default=20, help="negatives per request")
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--nal-fallback", default="in_batch", choices=("in_batch", "warn"))
-    ap.add_argument("--ablations", default="",
-                    help="TransAct V2 with other S_all selections, e.g. 'k_ll=0,k_ll=32,k_ll=192,"
-                         "ll_selection=recent' (each logs its own feature logs)")
+    ap.add_argument("--jobs", type=int, default=1, help="trainings at once (processes)")
     ap.add_argument("--results", default=RESULTS)
     ap.add_argument("--quick", action="store_true", help="CPU smoke run (tiny budget, temp results)")
+    ap.add_argument("--summarize-only", action="store_true",
+                    help="no data, no training: tables and plot from the runs in --cache (each run "
+                         "records the machine it ran on)")
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.batch_size, args.eval_every, args.seeds = 40, 64, 20, "0,1"
         args.models = "wide_deep,transact,transact_v2"
+        if args.ablations == DEFAULT_ABLATIONS:
+            args.ablations = "selection.ll_selection=random,model.token_features=similarity/age"
         if args.results == RESULTS:   # never overwrite committed full-size results
             args.results = os.path.join(args.data, "results")
+    args.cache = args.cache or os.path.join(args.data, "runs")
+    os.makedirs(args.cache, exist_ok=True)
+    if not args.summarize_only and not os.path.exists(args.ratings):
+        raise SystemExit(f"no ratings file at {args.ratings}: give --ratings PATH (the data is not "
+                         f"part of the repository)")
     seeds = [int(s) for s in args.seeds.split(",")]
-    models = args.models.split(",")
-    logs = prepare(args, SelectionConfig(), args.data)
-    base = ExperimentConfig(train=TrainConfig(
-        batch_size=args.batch_size, steps=args.steps, learning_rate=args.learning_rate,
-        warmup_steps=max(args.steps // 20, 1), log_every=max(args.steps // 40, 1),
-        eval_every=args.eval_every, checkpoint_every=0, early_stopping_metric=args.early_stop_metric,
-        early_stopping_patience=args.patience, nal_without_impressions=args.nal_fallback))
-    print(f"data: " + ", ".join(f"{k} {len(v):,}" for k, v in logs.items()) + " examples", flush=True)
+    variants = [Variant(m, m) for m in args.models.split(",")] + parse_ablations(args.ablations)
     t0 = time.perf_counter()
-    results = {m: [run(preset(m, base, seed=s), logs, args.early_stop_metric) for s in seeds]
-               for m in models}
-    for variant, sel in ablation_selections(args.ablations).items():
-        v_logs = prepare(args, sel, os.path.join(args.data, variant.replace("=", "_")))
-        v_base = dataclasses.replace(base, selection=sel)
-        results[f"transact_v2[{variant}]"] = [
-            run(preset("transact_v2", v_base, seed=s), v_logs, args.early_stop_metric) for s in seeds]
+    dirs: Dict[str, Variant] = {}
+    for v in variants:
+        dirs.setdefault(log_dir(args, v), v)
+    built = {}
+    if not args.summarize_only:
+        with _pool(min(args.jobs, len(dirs))) as pool:
+            built = dict(zip(dirs, pool.map(build_logs, [args.ratings] * len(dirs), list(dirs),
+                                            [selection_of(v) for v in dirs.values()],
+                                            [recipe_of(args, v) for v in dirs.values()])))
+        for d, info in built.items():
+            print(f"logs {os.path.basename(d)} (for {dirs[d].label} ...): {info['examples']} in "
+                  f"{info['seconds']:.0f} s", flush=True)
+    results = run_all(args, variants, seeds, train=not args.summarize_only)
+    envs = {json.dumps(r["environment"], sort_keys=True) for runs in results.values() for r in runs}
     rows = summarize(results)
     headline = {"dataset": os.path.basename(os.path.dirname(os.path.abspath(args.ratings))),
-                "seeds": len(seeds)}
-    if "transact" in results and "transact_v2" in results:
-        lift = paired_lift(results["transact_v2"], results["transact"], "hit@3/click")
+                "seeds": len(seeds),
+                "beats_transact_by_1std": [r["model"] for r in rows if r["beats_transact_by_1std"]]}
+    if results.get("transact") and results.get("transact_v2"):
+        lift = paired(results["transact_v2"], results["transact"], "hit@3/click", True)
         headline.update(hit3_click_lift_v2_vs_transact_pct=lift["mean"],
                         hit3_click_lift_v2_vs_transact_std=lift["std"],
                         auc_click_v2=float(np.mean([r["test"]["auc/click"] for r in results["transact_v2"]])),
                         auc_click_transact=float(np.mean([r["test"]["auc/click"]
                                                           for r in results["transact"]])))
+    missing = [f"{v.label} seed {s}" for v in variants for s in seeds
+               if s not in {r["seed"] for r in results[v.label]}]
     meta = {"dataset": headline["dataset"], "steps": args.steps, "batch_size": args.batch_size,
             "learning_rate": args.learning_rate, "eval_every": args.eval_every, "patience": args.patience,
             "early_stop_metric": args.early_stop_metric, "seeds": len(seeds), "seed_values": seeds,
             "nal_fallback": args.nal_fallback, "negatives_per_request": args.negatives,
-            "ablations": args.ablations,
-            "examples": {k: len(v) for k, v in logs.items()}, "environment": environment(),
-            "headline": headline, "wall_seconds": time.perf_counter() - t0}
+            "ablations": args.ablations, "logs": {os.path.basename(d): {**info, "variants": [v.label for v in variants
+                                                                  if log_dir(args, v) == d]}
+                     for d, info in built.items()},
+            "environment": (json.loads(envs.pop()) if len(envs) == 1 else
+                            {"device": "mixed", "runs": sorted(envs)} if envs else environment()),
+            "headline": headline, "missing": missing,
+            "wall_seconds": time.perf_counter() - t0}
     payload = {"benchmark": "realdata", **meta, "rows": rows, "runs": results}
     os.makedirs(args.results, exist_ok=True)
     with open(os.path.join(args.results, "realdata.json"), "w") as f:
         json.dump(payload, f, indent=1)
-    md = markdown(rows, meta) if "auc_click_v2" in headline else ""
+    md = markdown(rows, meta)
     with open(os.path.join(args.results, "realdata.md"), "w") as f:
         f.write(md)
-    plot(results, args.early_stop_metric, os.path.join(args.results, "realdata.png"))
-    print(md or json.dumps(headline))
+    plot(results, rows, args.early_stop_metric, os.path.join(args.results, "realdata.png"))
+    print(md)
     print(f"wrote {args.results}/realdata.{{json,md,png}} in {meta['wall_seconds']:.0f} s")
     return payload
 

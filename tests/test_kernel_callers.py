@@ -108,18 +108,27 @@ def test_broadcast_s_all_equals_logged_features(impl):
 
 
 @pytest.mark.parametrize("impl", ["pallas_triton", "xla"])
-def test_recent_ll_selection_is_the_same_on_host_and_device(impl):
-    """The ``ll_selection="recent"`` ablation: the ll segment holds the K_LL most recent S_LL tokens
-    (chronological, padding last) for every candidate, on every path."""
-    sel = dataclasses.replace(SEL, ll_selection="recent")
+@pytest.mark.parametrize("mode", ["recent", "random"])
+def test_unranked_ll_selections_are_the_same_on_host_and_device(impl, mode):
+    """The ``ll_selection`` ablations: the ll segment holds the K_LL most recent (``recent``) or one
+    drawn token per equal stratum of S_LL (``random``), chronological, padding last, the same for
+    every candidate of a request, on every path."""
+    sel = dataclasses.replace(SEL, ll_selection=mode)
     req = _requests()
     host = select_s_all(req, FEAT, sel)
     ll = host.source_index[:, sel.segment("ll")]
+    k = sel.k_ll
     for n, u in enumerate(req.cand_to_req):
-        length = req.ll.lengths[u]
-        want = np.arange(max(length - sel.k_ll, 0), length)
-        np.testing.assert_array_equal(ll[n, :len(want)], want)
-        assert (ll[n, len(want):] == -1).all()
+        length = int(req.ll.lengths[u])
+        if mode == "recent" or length <= k:
+            want = np.arange(max(length - k, 0), length)
+            np.testing.assert_array_equal(ll[n, :len(want)], want)
+            assert (ll[n, len(want):] == -1).all()
+        else:   # one position inside each stratum [j*L/k, (j+1)*L/k)
+            j = np.arange(k)
+            assert ((ll[n] >= j * length // k) & (ll[n] < np.maximum((j + 1) * length // k,
+                                                                    j * length // k + 1))).all()
+            assert (np.diff(ll[n]) > 0).all()
     # the other segments are untouched by the option
     nn = select_s_all(req, FEAT, SEL)
     rest = slice(sel.k_ll, None)
@@ -132,4 +141,4 @@ def test_recent_ll_selection_is_the_same_on_host_and_device(impl):
 
 def test_ll_selection_is_validated():
     with pytest.raises(ValueError, match="ll_selection"):
-        SelectionConfig(ll_selection="random")
+        SelectionConfig(ll_selection="newest")

@@ -452,3 +452,48 @@ def test_a_new_family_is_one_registry_entry(mean_pool_family):
 def test_unknown_sequence_model_lists_the_registry():
     with pytest.raises(ValueError, match=r"sequence_model: expected one of \('none', 'bst', 'transact'"):
         ModelConfig(sequence_model="hstu")
+
+
+# ------------------------------------------------------------------------------- token features
+
+
+def test_token_feature_buckets():
+    emb = jnp.asarray([[[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]])
+    cand = jnp.asarray([[2.0, 0.0]])
+    np.testing.assert_array_equal(layers.similarity_bucket(emb, cand),
+                                  [[layers.SIMILARITY_BUCKETS - 1, 0, layers.SIMILARITY_BUCKETS // 2,
+                                    layers.SIMILARITY_BUCKETS // 2]])
+    ages = jnp.asarray([[0.0, 0.99, 1.0, 1.99, 2.0, 3.9, 4.0, 1e12]])
+    np.testing.assert_array_equal(layers.age_bucket(ages),
+                                  [[0, 0, 1, 1, 2, 2, 3, layers.AGE_BUCKETS - 1]])
+
+
+@pytest.mark.parametrize("name", ["bst", "transact_v2"])
+def test_token_features_change_the_model_only_through_their_inputs(name):
+    """``similarity`` reads the token and candidate embeddings, ``age`` the token ages: with the
+    features on, changing valid tokens' ages changes the logits, changing padded tokens' ages does
+    not; without token ages the ``age`` model refuses to run."""
+    cfg = preset(name, dataclasses.replace(
+        base(), model=dataclasses.replace(base().model, token_features=("similarity", "age"))))
+    mdef, params = build_model(cfg.feature, cfg.selection, cfg.model, 0)
+    fwd = jax.jit(lambda p, x: mdef.bind(p)(x).logits)
+    x = random_inputs(11)
+    mask = np.asarray(x.mask)
+    rng = np.random.default_rng(0)
+    age = np.where(mask, rng.uniform(0, 5000, mask.shape), 0.0).astype(np.float32)
+    out = np.asarray(fwd(params, replace(x, token_age_hours=age)))
+    assert np.isfinite(out).all()
+    older = np.where(mask, age * 64 + 100, 0.0).astype(np.float32)
+    assert np.abs(np.asarray(fwd(params, replace(x, token_age_hours=older))) - out).max() > 1e-5
+    padded = np.where(mask, age, 1e6).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(fwd(params, replace(x, token_age_hours=padded))), out,
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="token_age_hours"):
+        mdef.bind(params)(x)
+
+
+def test_token_features_are_validated():
+    with pytest.raises(ValueError, match="token_features"):
+        ModelConfig(token_features=("recency",))
+    with pytest.raises(ValueError, match="token_features"):
+        ModelConfig(token_features=("age", "age"))

@@ -9,7 +9,12 @@ from transact_jax.__main__ import main as cli
 from transact_jax.config import FeatureConfig, SelectionConfig
 from transact_jax.data.events import build_requests
 from transact_jax.data.feature_log import FeatureLog
-from transact_jax.data.interactions import InteractionRecipe, Interactions, build_event_logs
+from transact_jax.data.interactions import (
+    InteractionRecipe,
+    Interactions,
+    build_event_logs,
+    feature_config_for,
+)
 from transact_jax.data.public import read_interactions_csv, read_movielens
 from transact_jax.data.schema import SchemaError
 
@@ -194,3 +199,83 @@ def test_new_items_do_not_give_the_label_away():
         new = np.isin(rq.item_id, zero)
         positive = rq.labels.any(axis=1)
         assert new[positive].any() and new[~positive].any(), split
+
+
+def test_item_id_feature_full_vocabulary_is_the_training_period():
+    """``item_id_feature="full"``: training-period items get categories 1..V by id order, every
+    other item (first seen later) the out-of-vocabulary category 0; the same item gets the same
+    category in every split."""
+    rows = ratings(users=20, items=80, sessions=6)
+    t_split = np.quantile([r[3] for r in rows], 0.8)
+    rows = [(u, i + 1000 if t >= t_split and i % 2 else i, r, t) for u, i, r, t in rows]
+    data = interactions(rows)
+    recipe = InteractionRecipe(negatives_per_request=5, item_id_feature="full", item_id_column=1)
+    feat = feature_config_for(data, recipe, FEAT)
+    assert feat.categorical_vocab_sizes[1] == len(np.unique(data.item_id)) + 1
+    assert feat.categorical_vocab_sizes[0] == FEAT.categorical_vocab_sizes[0]
+    logs = build_event_logs(data, recipe, feat)
+    train_rq = logs["train"].requests
+    ev = logs["train"].events
+    vocab = np.unique(ev.item_id[(ev.timestamp < logs["eval"].requests.timestamp.min())
+                                 & ~ev.is_impression])
+    seen = {}
+    for split in ("train", "eval", "test"):
+        rq = logs[split].requests
+        cat = rq.categorical[:, 1]
+        assert (rq.categorical[:, [0, 2]] == 0).all()
+        for it, c in zip(rq.item_id.tolist(), cat.tolist()):
+            assert seen.setdefault(it, c) == c           # one category per item everywhere
+            if it >= 1000:                               # first seen after the training period
+                assert c == 0
+    known = np.isin(train_rq.item_id, vocab)
+    np.testing.assert_array_equal(train_rq.categorical[known, 1],
+                                  np.searchsorted(vocab, train_rq.item_id[known]) + 1)
+    assert any(c == 0 for it, c in seen.items() if it >= 1000)
+
+
+def test_item_id_feature_hashed_and_errors():
+    data = interactions(ratings())
+    recipe = InteractionRecipe(negatives_per_request=3, item_id_feature="hashed")
+    assert feature_config_for(data, recipe, FEAT) == FEAT
+    rq = build_event_logs(data, recipe, FEAT)["train"].requests
+    cats = rq.categorical[:, 0]
+    assert cats.min() >= 0 and cats.max() < FEAT.categorical_vocab_sizes[0]
+    assert len(np.unique(cats)) > 0.8 * len(np.unique(rq.item_id))   # few collisions in 1,000
+    for it in np.unique(rq.item_id)[:10]:
+        assert len(np.unique(cats[rq.item_id == it])) == 1
+    small = FeatureConfig(categorical_vocab_sizes=(10, 64, 32))
+    with pytest.raises(SchemaError) as e:
+        build_event_logs(data, InteractionRecipe(item_id_feature="full"), small)
+    assert e.value.field == "categorical_vocab_sizes[0]"
+    for kwargs, field in ((dict(item_id_feature="ids"), "item_id_feature"),
+                          (dict(item_id_column=-1), "item_id_column")):
+        with pytest.raises(SchemaError) as e:
+            InteractionRecipe(**kwargs)
+        assert e.value.field == field
+    with pytest.raises(SchemaError) as e:
+        build_event_logs(data, InteractionRecipe(item_id_feature="hashed", item_id_column=3), FEAT)
+    assert e.value.field == "item_id_column"
+
+
+def test_cli_item_id_feature_then_train_reads_the_stored_configs(tmp_path, capsys):
+    """``data --item-id full`` sizes the vocabulary; ``train --preset`` without ``--config`` uses
+    the feature and selection configs stored with the log."""
+    write_csv(tmp_path / "ratings.csv", ratings())
+    out = tmp_path / "data"
+    assert cli(["data", "movielens", "--ratings", str(tmp_path / "ratings.csv"), "--out", str(out),
+                "--negatives", "3", "--item-id", "full", "--config", str(_sel_config(tmp_path))]) == 0
+    log = FeatureLog(str(out / "train"))
+    assert log.feat.categorical_vocab_sizes[0] == FEAT.categorical_vocab_sizes[0]  # --config wins
+    assert cli(["data", "movielens", "--ratings", str(tmp_path / "ratings.csv"), "--out",
+                str(tmp_path / "d2"), "--negatives", "3", "--item-id", "full"]) == 0
+    log = FeatureLog(str(tmp_path / "d2" / "train"))
+    assert log.feat.categorical_vocab_sizes[0] == 61      # 60 items + out of vocabulary
+    assert cli(["train", "--preset", "wide_deep", "--data", str(tmp_path / "d2"), "--workdir",
+                str(tmp_path / "run"), "--steps", "2", "--batch-size", "8"]) == 0
+    capsys.readouterr()
+
+
+def _sel_config(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_text('{"selection": {"max_ll_len": 50, "k_ll": 8}}')
+    return path

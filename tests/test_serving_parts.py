@@ -313,3 +313,15 @@ def test_arena_transfer_moves_the_collated_bytes(mode):
     st.release(arena)
     assert st.acquire(lay) is arena           # reused, not reallocated
     assert st.allocated_bytes() == lay.nbytes
+
+
+def test_serving_refuses_a_model_that_reads_token_ages():
+    """Token timestamps are not shipped to the device, so a model with the ``age`` token feature
+    cannot be served; ``similarity`` (computed from the embeddings) can."""
+    from transact_jax.model.config import ModelConfig
+    from transact_jax.run.config import ExperimentConfig
+    from transact_jax.serving.forward import make_forward
+    with pytest.raises(ValueError, match="token_features"):
+        make_forward(ExperimentConfig(model=ModelConfig(token_features=("age",))), "xla")
+    assert callable(make_forward(ExperimentConfig(model=ModelConfig(token_features=("similarity",))),
+                                 "xla"))

@@ -23,11 +23,15 @@ from transact_jax.run.config import ExperimentConfig
 
 
 def _config(args) -> ExperimentConfig:
+    """The run's config: ``--config``, or the ``--preset`` on the feature and selection configs the
+    training log was written with."""
     if args.config:
         cfg = ExperimentConfig.from_json(args.config)
     else:
+        from transact_jax.data.feature_log import FeatureLog
         from transact_jax.run.presets import preset
-        cfg = preset(args.preset)
+        stored = FeatureLog(os.path.join(args.data, "train"))
+        cfg = preset(args.preset, ExperimentConfig(feature=stored.feat, selection=stored.sel))
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
                                    ("seed", args.seed)) if v is not None}
     if overrides:
@@ -69,6 +73,9 @@ def main(argv=None) -> int:
     d.add_argument("--session-gap", type=int, help="seconds without an interaction that end a "
                                                    "session (default 1800)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--item-id", choices=("none", "full", "hashed"), default="none",
+                   help="the candidate's item id as a categorical feature of the ranking tower "
+                        "(full: training-period vocabulary; hashed: into the column's vocabulary)")
     args = ap.parse_args(argv)
 
     from transact_jax.data.feature_log import FeatureLog
@@ -91,14 +98,15 @@ def main(argv=None) -> int:
         print(f"wrote {len(train_log):,} train and {len(eval_log):,} eval examples to {args.out}")
         return 0
     if args.command == "data":
-        from transact_jax.data.interactions import InteractionRecipe
+        from transact_jax.data.interactions import InteractionRecipe, feature_config_for
         from transact_jax.data.public import read_interactions_csv, read_movielens, write_feature_logs
         cfg = ExperimentConfig.from_json(args.config) if args.config else ExperimentConfig()
-        recipe = InteractionRecipe(seed=args.seed, **{k: v for k, v in (
+        recipe = InteractionRecipe(seed=args.seed, item_id_feature=args.item_id, **{k: v for k, v in (
             ("negatives_per_request", args.negatives), ("session_gap_s", args.session_gap))
             if v is not None})
         data = (read_movielens if args.format == "movielens" else read_interactions_csv)(args.path)
-        counts = write_feature_logs(data, args.out, cfg.feature, cfg.selection, recipe)
+        feat = cfg.feature if args.config else feature_config_for(data, recipe, cfg.feature)
+        counts = write_feature_logs(data, args.out, feat, cfg.selection, recipe)
         print(f"wrote {counts} examples to {args.out}")
         return 0
     if args.command == "train":

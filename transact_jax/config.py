@@ -112,7 +112,7 @@ class FeatureConfig:
         return self.action_mask(self.negative_actions)
 
 
-LL_SELECTIONS = ("nn", "recent")
+LL_SELECTIONS = ("nn", "recent", "random")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,9 +133,10 @@ class SelectionConfig:
       num_nal_negatives: M, the user's M most recent impressions logged per example as NAL negatives
         (chronological, padding last).
       ll_selection: how the K_LL lifelong tokens are chosen: ``"nn"`` (the paper's NN(S_LL, c;
-        K_LL), the default) or ``"recent"`` (the K_LL most recent tokens of S_LL, the same for every
-        candidate): an ablation that separates the value of the lifelong history from the value of
-        selecting in it by similarity.
+        K_LL), the default), ``"recent"`` (the K_LL most recent tokens of S_LL) or ``"random"``
+        (K_LL tokens drawn across the whole of S_LL, one per equal stratum, deterministically):
+        ablations, the same tokens for every candidate of a request, that separate the value of the
+        lifelong history from the value of selecting in it by similarity.
     """
 
     max_ll_len: int = 10_000

@@ -29,6 +29,13 @@ event logs of :mod:`transact_jax.data.events`, split by time into train / eval /
    ``eval_quantile`` quantile of request times are train, then eval up to ``test_quantile``, then
    test. Item embeddings (:mod:`transact_jax.data.item_embeddings`) are learned from interactions
    before the eval cutoff only; sequences hold only events before each request.
+5. **Item identity** (optional, ``item_id_feature``): the candidate's item id as a categorical
+   feature (request column ``cat_<item_id_column>``), so the ranking tower can learn an embedding
+   (and a wide weight) per item next to the content embedding. ``"full"``: one category per item
+   seen in the training period (by id order, from 1), 0 for every other item (out of vocabulary:
+   new items share one learned row); the column's vocabulary must hold them
+   (:func:`feature_config_for` sizes it). ``"hashed"``: a 64-bit mix of the id modulo the column's
+   vocabulary size, for every item (collisions share a row; no vocabulary to build).
 
 The returned event logs share events and items; each has its split's requests.
 """
@@ -45,6 +52,7 @@ from transact_jax.data.item_embeddings import ItemEmbeddingConfig, learn_item_em
 from transact_jax.data.schema import SchemaError
 
 SPLITS = ("train", "eval", "test")
+ITEM_ID_FEATURES = ("none", "full", "hashed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +105,8 @@ class InteractionRecipe:
     surface: str = "other"
     seed: int = 0
     item_embeddings: ItemEmbeddingConfig = ItemEmbeddingConfig()
+    item_id_feature: str = "none"
+    item_id_column: int = 0
 
     def __post_init__(self):
         if self.negative_rating >= self.positive_rating:
@@ -108,6 +118,61 @@ class InteractionRecipe:
         if not 0.0 < self.eval_quantile <= self.test_quantile <= 1.0:
             raise SchemaError("eval_quantile", f"need 0 < eval_quantile <= test_quantile <= 1, got "
                                                f"{self.eval_quantile}, {self.test_quantile}")
+        if self.item_id_feature not in ITEM_ID_FEATURES:
+            raise SchemaError("item_id_feature", f"expected one of {ITEM_ID_FEATURES}, got "
+                                                 f"{self.item_id_feature!r}")
+        if self.item_id_column < 0:
+            raise SchemaError("item_id_column", f"must be >= 0, got {self.item_id_column}")
+
+
+def feature_config_for(data: Interactions, recipe: InteractionRecipe,
+                       feat: FeatureConfig = FeatureConfig()) -> FeatureConfig:
+    """``feat`` with room for the recipe's item-id feature: for ``item_id_feature="full"`` the
+    vocabulary of categorical column ``item_id_column`` becomes the number of distinct items in
+    ``data`` plus one (an upper bound on the training-period vocabulary and its out-of-vocabulary
+    row); other recipes return ``feat`` unchanged."""
+    if recipe.item_id_feature != "full":
+        return feat
+    vocab = list(feat.categorical_vocab_sizes)
+    if recipe.item_id_column >= len(vocab):
+        raise SchemaError("item_id_column", f"{recipe.item_id_column} is not a categorical column of "
+                                            f"FeatureConfig.categorical_vocab_sizes ({len(vocab)} columns)")
+    vocab[recipe.item_id_column] = int(len(np.unique(data.item_id))) + 1
+    return dataclasses.replace(feat, categorical_vocab_sizes=tuple(vocab))
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """A 64-bit integer mix (splitmix64's finalizer) of non-negative ids, as uint64."""
+    z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def item_id_categories(items: np.ndarray, train_items: np.ndarray, recipe: InteractionRecipe,
+                       feat: FeatureConfig) -> Optional[np.ndarray]:
+    """The item-id feature of each of ``items`` (module docstring, 5), or None when the recipe has
+    none. ``train_items`` are the items interacted with in the training period."""
+    if recipe.item_id_feature == "none":
+        return None
+    col = recipe.item_id_column
+    if col >= len(feat.categorical_vocab_sizes):
+        raise SchemaError("item_id_column", f"{col} is not a categorical column of "
+                                            f"FeatureConfig.categorical_vocab_sizes "
+                                            f"({len(feat.categorical_vocab_sizes)} columns)")
+    size = feat.categorical_vocab_sizes[col]
+    items = np.asarray(items, np.int64)
+    if recipe.item_id_feature == "hashed":
+        return (_mix64(items) % np.uint64(size)).astype(np.int64)
+    vocab = np.unique(train_items)
+    if len(vocab) + 1 > size:
+        raise SchemaError(f"categorical_vocab_sizes[{col}]",
+                          f"item_id_feature='full' needs {len(vocab) + 1} categories ({len(vocab)} "
+                          f"training items + out-of-vocabulary), the column has {size}: use "
+                          f"feature_config_for() or item_id_feature='hashed'")
+    pos = np.searchsorted(vocab, items)
+    known = (pos < len(vocab)) & (vocab[np.minimum(pos, len(vocab) - 1)] == items)
+    return np.where(known, pos + 1, 0).astype(np.int64)
 
 
 def _actions(data: Interactions, recipe: InteractionRecipe, feat: FeatureConfig) -> np.ndarray:
@@ -276,6 +341,7 @@ def build_event_logs(data: Interactions, recipe: InteractionRecipe = Interaction
                                 items=np.concatenate([item, rows_item]))
     items_table = ItemTable(emb.item_id, emb.embedding)
     events = _event_table(user, item, time, acts, exposed, recipe, feat)
+    item_cat = item_id_categories(rows_item, item[train_period], recipe, feat)
     split_of = np.digitize(req_time[rows_req], [t_eval, t_test])
     out: Dict[str, Optional[EventLog]] = {}
     for s, name in enumerate(SPLITS):
@@ -283,6 +349,8 @@ def build_event_logs(data: Interactions, recipe: InteractionRecipe = Interaction
         cols = {"request_id": rows_req[m], "user_id": req_user[rows_req[m]],
                 "timestamp": req_time[rows_req[m]], "item_id": rows_item[m],
                 **{h: row_labels[h][m] for h in feat.heads}}
+        if item_cat is not None:
+            cols[f"cat_{recipe.item_id_column}"] = item_cat[m]
         out[name] = EventLog(events, items_table, RequestTable.from_columns(cols, feat)) \
             if m.any() else None
     return out

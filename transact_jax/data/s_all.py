@@ -44,18 +44,39 @@ def recent_index(lengths, count: int, xp) -> Any:
     return xp.where(idx < lengths[:, None], idx, PAD_INDEX).astype(xp.int32)
 
 
+def random_index(lengths, count: int, xp) -> Any:
+    """(U, count) positions of ``count`` pseudo-random tokens, chronological, -1 padding last.
+
+    Stratified: the sequence is cut into ``count`` equal strata and one position is drawn in each
+    by an integer hash of (length, stratum), so the draw is the same in numpy and jnp (the host
+    logger and the device agree) and spreads over the whole history. A sequence of at most
+    ``count`` tokens keeps them all."""
+    n = lengths.astype(xp.int32)[:, None]
+    j = xp.arange(count, dtype=xp.int32)[None, :]
+    lo = (j * n) // count
+    hi = ((j + 1) * n) // count
+    h = (n.astype(xp.uint32) * xp.uint32(0x9E3779B1)) ^ (j.astype(xp.uint32) * xp.uint32(0x85EBCA77))
+    h = (h ^ (h >> xp.uint32(15))) * xp.uint32(0x2C1B3C6D)
+    h = h ^ (h >> xp.uint32(12))
+    width = xp.maximum(hi - lo, 1).astype(xp.uint32)
+    drawn = (lo + (h % width).astype(xp.int32)).astype(xp.int32)
+    return xp.where(n <= count, recent_index(lengths, count, xp), drawn).astype(xp.int32)
+
+
 def segment_indices(lengths: Mapping[str, Any], sel: SelectionConfig, search: Search,
                     per_candidate: Callable[[Any], Any], xp) -> Dict[str, Any]:
     """Positions (N, k_segment) in the source sequence of every S_all segment's tokens.
 
     ``lengths[family]`` are the (U,) sequence lengths of ``"ll"``, ``"rt"``, ``"imp"``;
     ``per_candidate`` maps a per-request (U, ...) array to its candidates (N, ...).
-    ``sel.ll_selection="recent"`` fills the ``ll`` segment with the K_LL most recent S_LL tokens
-    instead of NN(S_LL, c; K_LL) (an ablation).
+    ``sel.ll_selection`` ``"recent"`` / ``"random"`` fill the ``ll`` segment with the K_LL most
+    recent / :func:`random_index` S_LL tokens instead of NN(S_LL, c; K_LL) (ablations; the same
+    tokens for every candidate of a request).
     """
     rt_old = xp.maximum(lengths["rt"] - sel.r, 0)
-    if sel.ll_selection == "recent":      # ablation: the most recent K_LL, not the nearest
-        ll = per_candidate(recent_index(lengths["ll"], sel.k_ll, xp))
+    if sel.ll_selection in ("recent", "random"):   # ablations: not selected by similarity
+        pick = recent_index if sel.ll_selection == "recent" else random_index
+        ll = per_candidate(pick(lengths["ll"], sel.k_ll, xp))
     else:
         ll = search("ll", lengths["ll"], sel.k_ll)
     return {

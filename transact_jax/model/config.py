@@ -20,6 +20,7 @@ from typing import Tuple
 from pallas_kernels._common import IMPLS
 
 ALL_SEGMENTS = ("ll", "rt_recent", "rt_nn", "imp")
+TOKEN_FEATURES = ("similarity", "age")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,12 @@ class ModelConfig:
         "auto" (the kernel on a GPU, XLA elsewhere). SKUT has no dropout: a training step that
         applies dropout (``dropout > 0``) runs the reference; inference and dropout-free training
         run the kernel (its backward pass is the reference's autodiff).
+      token_features: extra per-token features added to every token (empty by default, the paper's
+        tokens): ``"similarity"``, the bucketed cosine similarity of the token to the candidate (the
+        score NN selection ranks by), and ``"age"``, the bucketed time between the token and the
+        request (the paper's tokens carry a timestamp; ``transact_jax.model.layers`` has the
+        buckets). ``"age"`` needs token timestamps, which training and evaluation inputs carry and
+        the serving engine does not ship (it refuses such a model).
     """
 
     sequence_model: str = "transact"
@@ -59,6 +66,7 @@ class ModelConfig:
     wide: bool = True
     dtype: str = "float32"
     encoder_impl: str = "xla"
+    token_features: Tuple[str, ...] = ()
 
     def __post_init__(self):
         from transact_jax.model.sequence import sequence_model_entry  # the registry imports this module
@@ -76,6 +84,10 @@ class ModelConfig:
             raise ValueError("segments: a sequence model needs at least one segment")
         if self.d_model % self.num_heads:
             raise ValueError(f"num_heads: {self.num_heads} does not divide d_model={self.d_model}")
+        bad = [f for f in self.token_features if f not in TOKEN_FEATURES]
+        if bad or len(set(self.token_features)) != len(self.token_features):
+            raise ValueError(f"token_features: expected distinct names from {TOKEN_FEATURES}, got "
+                             f"{self.token_features!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
 

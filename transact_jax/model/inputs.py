@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import jax
 import numpy as np
@@ -19,6 +20,8 @@ class ModelInputs:
       actions: (N, |S_all|) action bitmasks; surfaces: (N, |S_all|) surface ids; mask: (N, |S_all|) bool.
       candidate_embedding: (N, D) int8 codes of the candidate (e_c).
       dense: (N, num_dense) float32; categorical: (N, C) int32.
+      token_age_hours: (N, |S_all|) float32 hours from each S_all token to its request (0 on
+        padding), or None where token timestamps are not available (serving).
     """
 
     embeddings: jax.Array
@@ -28,11 +31,17 @@ class ModelInputs:
     candidate_embedding: jax.Array
     dense: jax.Array
     categorical: jax.Array
+    token_age_hours: Optional[jax.Array] = None
 
     @classmethod
-    def from_examples(cls, ex: TrainingExamples) -> "ModelInputs":
-        """Take the model's fields of a logged batch (timestamps and ids stay on the host)."""
+    def from_examples(cls, ex: TrainingExamples, token_ages: bool = False) -> "ModelInputs":
+        """Take the model's fields of a logged batch (ids and timestamps stay on the host; with
+        ``token_ages`` the token timestamps become ages in hours relative to the request)."""
+        age = None
+        if token_ages:
+            age = (ex.request_timestamp[:, None] - ex.s_all.timestamps) / 3600.0
+            age = np.where(ex.s_all_mask, np.maximum(age, 0.0), 0.0).astype(np.float32)
         return cls(embeddings=ex.s_all.embeddings, actions=ex.s_all.actions,
                    surfaces=ex.s_all.surfaces.astype(np.int32), mask=ex.s_all_mask,
                    candidate_embedding=ex.candidate_embedding, dense=ex.dense,
-                   categorical=ex.categorical)
+                   categorical=ex.categorical, token_age_hours=age)

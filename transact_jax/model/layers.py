@@ -3,7 +3,7 @@ feature encoder (E_act, E_surf, E_pos of the paper's eq. 4) and masked max-pooli
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -68,20 +68,62 @@ def multi_hot(actions: jax.Array, num_actions: int) -> jax.Array:
     return ((actions.astype(jnp.uint32)[..., None] >> bits) & 1).astype(jnp.float32)
 
 
-class TokenEncoder(nnx.Module):
-    """Token features: E_act (multi-hot x (A, d)), E_surf (S, d), E_pos (length, d)."""
+SIMILARITY_BUCKETS = 16
+"""Buckets of the ``similarity`` token feature: equal widths over cosine similarity [-1, 1]."""
+AGE_BUCKETS = 24
+"""Buckets of the ``age`` token feature: 0 for under an hour, then one per doubling of the age in
+hours (bucket b >= 1 holds ages in [2^(b-1), 2^b) hours), the last one open-ended (~1,000 years)."""
 
-    def __init__(self, feat: FeatureConfig, length: int, d: int, *, rngs: nnx.Rngs):
+
+def similarity_bucket(emb: jax.Array, cand: jax.Array) -> jax.Array:
+    """(N, L) bucket of the cosine similarity of each token embedding (N, L, D) with its candidate's
+    embedding (N, D): the signal NN selection ranks by, made visible to the model."""
+    num = jnp.einsum("nld,nd->nl", emb, cand)
+    den = jnp.linalg.norm(emb, axis=-1) * jnp.linalg.norm(cand, axis=-1)[:, None]
+    cos = jnp.where(den > 0, num / jnp.maximum(den, 1e-12), 0.0)
+    b = jnp.floor((cos + 1.0) * (SIMILARITY_BUCKETS / 2.0)).astype(jnp.int32)
+    return jnp.clip(b, 0, SIMILARITY_BUCKETS - 1)
+
+
+def age_bucket(age_hours: jax.Array) -> jax.Array:
+    """(N, L) bucket of each token's age (hours between the token and the request, >= 0)."""
+    b = jnp.floor(jnp.log2(jnp.maximum(age_hours, 1.0))).astype(jnp.int32) + 1
+    return jnp.where(age_hours < 1.0, 0, jnp.clip(b, 1, AGE_BUCKETS - 1))
+
+
+class TokenEncoder(nnx.Module):
+    """Token features: E_act (multi-hot x (A, d)), E_surf (S, d), E_pos (length, d), and the
+    optional ``ModelConfig.token_features``: a learned (SIMILARITY_BUCKETS, d) table of the token's
+    cosine similarity to the candidate and a learned (AGE_BUCKETS, d) table of its age."""
+
+    def __init__(self, feat: FeatureConfig, length: int, d: int, *, rngs: nnx.Rngs,
+                 token_features: Tuple[str, ...] = ()):
         self.num_actions = feat.num_actions
+        self.token_features = tuple(token_features)
         init = nnx.initializers.normal(0.02)
         self.w_act = nnx.Param(init(rngs.params(), (feat.num_actions, d)))
         self.surface = nnx.Embed(feat.num_surfaces, d, embedding_init=init, rngs=rngs)
         self.position = nnx.Param(init(rngs.params(), (length, d)))
+        self.similarity = nnx.data(nnx.Embed(SIMILARITY_BUCKETS, d, embedding_init=init, rngs=rngs)
+                                   if "similarity" in self.token_features else None)
+        self.age = nnx.data(nnx.Embed(AGE_BUCKETS, d, embedding_init=init, rngs=rngs)
+                            if "age" in self.token_features else None)
 
-    def __call__(self, actions: jax.Array, surfaces: jax.Array) -> jax.Array:
+    def __call__(self, actions: jax.Array, surfaces: jax.Array, *, emb: Optional[jax.Array] = None,
+                 cand: Optional[jax.Array] = None,
+                 age_hours: Optional[jax.Array] = None) -> jax.Array:
+        """``emb`` (N, L, D) and ``cand`` (N, D) feed ``similarity``, ``age_hours`` (N, L) ``age``."""
         length = actions.shape[1]
-        return (multi_hot(actions, self.num_actions) @ self.w_act[...]
-                + self.surface(surfaces) + self.position[...][:length])
+        out = (multi_hot(actions, self.num_actions) @ self.w_act[...]
+               + self.surface(surfaces) + self.position[...][:length])
+        if self.similarity is not None:
+            out = out + self.similarity(similarity_bucket(emb, cand))
+        if self.age is not None:
+            if age_hours is None:
+                raise ValueError("token_features: 'age' needs ModelInputs.token_age_hours (token "
+                                 "timestamps), which these inputs do not carry")
+            out = out + self.age(age_bucket(age_hours))
+        return out
 
 
 def masked_max_pool(h: jax.Array, mask: jax.Array) -> jax.Array:

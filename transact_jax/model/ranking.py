@@ -105,9 +105,10 @@ class RankingModel(nnx.Module):
         nal = None
         if self.sequence is not None:
             emb = dequantize_int8(self._take_segments(x.embeddings), scale, jnp.float32)
+            age = None if x.token_age_hours is None else self._take_segments(x.token_age_hours)
             seq, nal = self.sequence(emb, self._take_segments(x.actions),
                                      self._take_segments(x.surfaces), self._take_segments(x.mask),
-                                     cand, dtype, dropout_key)
+                                     cand, dtype, dropout_key, age)
             parts.append(seq)
         x0 = self.input_norm(jnp.concatenate(parts, axis=-1))
         h = x0

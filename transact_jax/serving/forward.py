@@ -57,6 +57,9 @@ def make_forward(cfg: ExperimentConfig, nn_impl: str) -> Callable:
     same config share compiled executables. ``nn_impl`` is the NN search's ``impl``."""
     if nn_impl not in IMPLS:
         raise ValueError(f"nn_impl: expected one of {IMPLS}, got {nn_impl!r}")
+    if "age" in cfg.model.token_features:
+        raise ValueError("model.token_features: the serving engine does not ship token timestamps, "
+                         "so it cannot serve a model with the 'age' token feature")
     mdef = model_def(cfg.feature, cfg.selection, cfg.model)
     feat, sel = cfg.feature, cfg.selection
 

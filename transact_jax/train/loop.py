@@ -93,10 +93,11 @@ def train(cfg: ExperimentConfig, train_log: ExampleSource, *, workdir: Optional[
         stopper = EarlyStopping(tc.early_stopping_metric, tc.early_stopping_patience)
     mesh = data_mesh()
     mdef, state, opt = init_state(cfg)
+    token_ages = "age" in cfg.model.token_features
 
     def to_device(batch: TrainingExamples):
         # runs in the loader's threads: conversion and host-to-device copy overlap with the step
-        return (shard_batch(ModelInputs.from_examples(batch), mesh),
+        return (shard_batch(ModelInputs.from_examples(batch, token_ages), mesh),
                 shard_batch(Targets.from_examples(batch), mesh))
 
     loader = make_loader(train_log, batch_size=_local_batch_size(tc.batch_size), seed=tc.seed,
@@ -204,7 +205,7 @@ def predict_log(cfg: ExperimentConfig, mdef: ModelDef, params, log: ExampleSourc
         padded = ex if n == batch_size else ex.select(np.concatenate(
             [np.arange(n), np.zeros(batch_size - n, np.int64)]))
         probs = np.asarray(jax.device_get(predict(params, shard_batch(
-            ModelInputs.from_examples(padded), mesh))))[:n]
+            ModelInputs.from_examples(padded, "age" in cfg.model.token_features), mesh))))[:n]
         yield probs, ex
 
 

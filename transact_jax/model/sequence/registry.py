@@ -2,12 +2,14 @@
 ``ModelConfig.sequence_model``.
 
 A sequence model is an ``nnx.Module`` called as
-``module(emb, actions, surfaces, mask, cand, dtype, dropout_key) -> (vector, nal_user)``:
+``module(emb, actions, surfaces, mask, cand, dtype, dropout_key, token_age_hours) -> (vector,
+nal_user)``:
 
 * ``emb`` (N, L, D) float32 dequantized S_all token embeddings (the segments the model reads, in
   S_all order), ``actions`` (N, L) action bitmasks, ``surfaces`` (N, L) int32, ``mask`` (N, L) bool,
   ``cand`` (N, D) float32 candidate embedding e_c, ``dtype`` the compute dtype, ``dropout_key`` a PRNG
-  key or None (no dropout);
+  key or None (no dropout), ``token_age_hours`` (N, L) float32 hours between each token and the
+  request, or None when the inputs carry no token timestamps (``ModelConfig.token_features``);
 * ``vector`` (N, ModelConfig.seq_out_dim) goes into the DCN-v2 tower; ``nal_user`` is ``P u(t)``
   (N, r, D) on the S_RT[:r] slots for the Next Action Loss, or None.
 

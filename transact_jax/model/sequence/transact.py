@@ -28,15 +28,18 @@ class TransActSequence(nnx.Module):
         if cfg.d_model != 2 * feat.embedding_dim:
             raise ValueError(f"d_model: early fusion needs d_model = 2 x embedding_dim = "
                              f"{2 * feat.embedding_dim}, got {cfg.d_model}")
-        self.tokens = TokenEncoder(feat, length, cfg.d_model, rngs=rngs)
+        self.tokens = TokenEncoder(feat, length, cfg.d_model, rngs=rngs,
+                                   token_features=cfg.token_features)
         self.encoder = TransformerEncoder(cfg, rngs=rngs)
         self.out = nnx.Linear(cfg.d_model, cfg.seq_out_dim, rngs=rngs)
         self.nal_proj = nnx.Linear(cfg.d_model, feat.embedding_dim, use_bias=False, rngs=rngs)
         self.rt_slots = rt_slots
 
-    def __call__(self, emb, actions, surfaces, mask, cand, dtype, dropout_key=None):
+    def __call__(self, emb, actions, surfaces, mask, cand, dtype, dropout_key=None,
+                 token_age_hours=None):
         fused = jnp.concatenate([emb, jnp.broadcast_to(cand[:, None, :], emb.shape)], axis=-1)
-        x = (fused + self.tokens(actions, surfaces)).astype(dtype)
+        tokens = self.tokens(actions, surfaces, emb=emb, cand=cand, age_hours=token_age_hours)
+        x = (fused + tokens).astype(dtype)
         u = self.encoder(x, mask, causal=True, dropout_key=dropout_key)
         pooled = masked_max_pool(self.out(u.astype(jnp.float32)), mask)
         nal = None if self.rt_slots is None else self.nal_proj(u[:, self.rt_slots].astype(jnp.float32))
