@@ -59,14 +59,13 @@ DEFAULT_RATINGS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", 
 HEADS = ("click", "repin", "hide")
 SPLIT_NAMES = ("train", "eval", "test")
 DEFAULT_ABLATIONS = ",".join([
-    "selection.k_ll=0", "selection.k_ll=32", "selection.k_ll=192",
-    "selection.ll_selection=recent", "selection.ll_selection=random",
-    "model.token_features=similarity", "model.token_features=age",
+    "selection.k_ll=0", "selection.k_ll=32",
+    "selection.ll_selection=random", "selection.ll_selection=recent",
     "model.token_features=similarity/age",
-    "model.dropout=0.1", "train.weight_decay=0.01",
     "recipe.item_id_feature=full", "transact@recipe.item_id_feature=full",
-    "train.early_stopping_patience=0",
+    "model.dropout=0.1", "train.weight_decay=0.01",
 ])
+"""The default ablations, in priority order (a sweep cut short trains the first ones)."""
 SECTIONS = {"selection": SelectionConfig, "model": ModelConfig, "train": TrainConfig,
             "recipe": InteractionRecipe}
 
@@ -217,9 +216,12 @@ def _pool(jobs: int) -> cf.Executor:
 
 
 def run_all(args, variants: List[Variant], seeds: List[int], train: bool = True
-            ) -> Dict[str, List[dict]]:
-    """Every (variant, seed), from the cache or trained (``--jobs`` at once; with ``train=False``
-    only what the cache holds)."""
+            ) -> Tuple[Dict[str, List[dict]], Dict[str, dict]]:
+    """Every (variant, seed), from the cache or trained, and the feature logs built for them.
+
+    One pool of ``--jobs`` processes does both: each needed log directory is built, and as soon as
+    one is ready the runs that read it are queued (in ``variants`` order, which is the priority).
+    With ``train=False`` only what the cache holds is returned."""
     todo, results = [], {v.label: {} for v in variants}
     for v in variants:
         for s in seeds:
@@ -230,14 +232,29 @@ def run_all(args, variants: List[Variant], seeds: List[int], train: bool = True
             else:
                 todo.append((v, s))
     print(f"{sum(len(r) for r in results.values())} runs cached, {len(todo)} to train", flush=True)
-    if not train:
-        todo = []
-    with _pool(args.jobs) as pool:
-        futures = {pool.submit(_cached_run, args, v, s): (v, s) for v, s in todo}
-        for fut in cf.as_completed(futures):
-            v, s = futures[fut]
-            results[v.label][s] = fut.result()
-    return {label: [runs[s] for s in seeds if s in runs] for label, runs in results.items()}
+    built: Dict[str, dict] = {}
+    if train and todo:
+        by_dir: Dict[str, List[Tuple[Variant, int]]] = {}
+        for v, s in todo:
+            by_dir.setdefault(log_dir(args, v), []).append((v, s))
+        with _pool(args.jobs) as pool:
+            futures = {pool.submit(build_logs, args.ratings, d, selection_of(runs[0][0]),
+                                   recipe_of(args, runs[0][0])): ("logs", d)
+                       for d, runs in by_dir.items()}
+            while futures:
+                done, _ = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
+                for fut in done:
+                    kind, what = futures.pop(fut)
+                    if kind == "logs":
+                        built[what] = fut.result()
+                        print(f"logs {os.path.basename(what)}: {built[what]['examples']} in "
+                              f"{built[what]['seconds']:.0f} s", flush=True)
+                        for v, s in by_dir[what]:
+                            futures[pool.submit(_cached_run, args, v, s)] = ("run", (v, s))
+                    else:
+                        v, s = what
+                        results[v.label][s] = fut.result()
+    return {label: [runs[s] for s in seeds if s in runs] for label, runs in results.items()}, built
 
 
 def paired(model: List[dict], base: List[dict], key: str, relative: bool) -> Optional[Dict[str, object]]:
@@ -339,9 +356,11 @@ def plot(results: Dict[str, List[dict]], rows: List[dict], metric: str, path: st
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratings", default=DEFAULT_RATINGS, help="MovieLens ratings.csv / ratings.dat")
+    ap.add_argument("--dataset", help="the data set's name in the results (default: the ratings "
+                                      "file's folder name)")
     ap.add_argument("--data", default="/tmp/transact_realdata", help="where the feature logs go")
     ap.add_argument("--cache", help="finished runs (default DATA/runs)")
-    ap.add_argument("--models", default="wide_deep,bst,transact,transact_nal_inbatch,transact_v2")
+    ap.add_argument("--models", default="transact_v2,wide_deep,transact,transact_nal_inbatch,bst")
     ap.add_argument("--ablations", default=DEFAULT_ABLATIONS)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=1000)
@@ -375,22 +394,10 @@ def main(argv=None) -> dict:
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [Variant(m, m) for m in args.models.split(",")] + parse_ablations(args.ablations)
     t0 = time.perf_counter()
-    dirs: Dict[str, Variant] = {}
-    for v in variants:
-        dirs.setdefault(log_dir(args, v), v)
-    built = {}
-    if not args.summarize_only:
-        with _pool(min(args.jobs, len(dirs))) as pool:
-            built = dict(zip(dirs, pool.map(build_logs, [args.ratings] * len(dirs), list(dirs),
-                                            [selection_of(v) for v in dirs.values()],
-                                            [recipe_of(args, v) for v in dirs.values()])))
-        for d, info in built.items():
-            print(f"logs {os.path.basename(d)} (for {dirs[d].label} ...): {info['examples']} in "
-                  f"{info['seconds']:.0f} s", flush=True)
-    results = run_all(args, variants, seeds, train=not args.summarize_only)
-    envs = {json.dumps(r["environment"], sort_keys=True) for runs in results.values() for r in runs}
+    results, built = run_all(args, variants, seeds, train=not args.summarize_only)
+    envs = {json.dumps(r.get("environment", {"device": "unrecorded"}), sort_keys=True) for runs in results.values() for r in runs}
     rows = summarize(results)
-    headline = {"dataset": os.path.basename(os.path.dirname(os.path.abspath(args.ratings))),
+    headline = {"dataset": args.dataset or os.path.basename(os.path.dirname(os.path.abspath(args.ratings))),
                 "seeds": len(seeds),
                 "beats_transact_by_1std": [r["model"] for r in rows if r["beats_transact_by_1std"]]}
     if results.get("transact") and results.get("transact_v2"):

@@ -414,7 +414,7 @@ class _MeanPool(nnx.Module):
     def __init__(self, feat, cfg, *, rngs):
         self.proj = nnx.Linear(feat.embedding_dim, cfg.seq_out_dim, rngs=rngs)
 
-    def __call__(self, emb, actions, surfaces, mask, cand, dtype, dropout_key=None):
+    def __call__(self, emb, actions, surfaces, mask, cand, dtype, dropout_key=None, token_age_hours=None):
         w = mask[..., None].astype(jnp.float32)
         mean = jnp.sum(emb * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
         return self.proj(mean), None
