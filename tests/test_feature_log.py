@@ -14,6 +14,7 @@ from tests.helpers import random_requests
 from transact_jax.config import FeatureConfig, SelectionConfig
 from transact_jax.data import feature_log as fl
 from transact_jax.data.feature_log import format as fl_format
+from transact_jax.data.feature_log import writer as fl_writer
 from transact_jax.data.feature_log import FeatureLog, FeatureLogError, FeatureLogWriter, write_feature_log
 from transact_jax.data.features import example_nbytes, log_nn_features
 from transact_jax.data.schema import SchemaError, TrainingExamples, broadcast
@@ -68,13 +69,15 @@ def test_round_trip_across_shards(tmp_path, examples):
     assert_same(log.read_range(5, 37), examples.select(slice(5, 37)))
     # the manifest carries the configs and column specs as documented
     manifest = json.loads((tmp_path / "log" / "manifest.json").read_text())
-    assert manifest["version"] == 1 and manifest["num_examples"] == n
+    assert manifest["version"] == 2 and manifest["num_examples"] == n
+    assert len(manifest["log_id"]) == 32
     assert manifest["feature_config"] == json.loads(json.dumps(dataclasses.asdict(FEAT)))
     assert manifest["selection_config"]["max_ll_len"] == 400
     assert [c["name"] for c in manifest["columns"]] == list(TrainingExamples.column_specs(FEAT, SEL))
     assert {c["name"]: c["shape"] for c in manifest["columns"]}["s_all.embeddings"] == [192, 32]
     assert [s["num_examples"] for s in manifest["shards"]] == log.shard_sizes.tolist()
     assert [s["nbytes"] for s in manifest["shards"]] == [os.path.getsize(f) for f in log.shard_files]
+    assert all(len(s["crc32"]) == len(manifest["columns"]) for s in manifest["shards"])
     # stored configs come back when none are given
     assert FeatureLog(tmp_path / "log").feat == FEAT and FeatureLog(tmp_path / "log").sel == SEL
 
@@ -105,10 +108,13 @@ def test_documented_layout_is_memmappable(tmp_path, examples):
         path = tmp_path / "log" / shard["file"]
         raw = path.read_bytes()
         magic, version, hlen, hcrc, reserved = struct.unpack("<8sIIII", raw[:24])
-        assert (magic, version, reserved) == (b"TJXFLOG\x00", 1, 0)
+        assert (magic, version, reserved) == (b"TJXFLOG\x00", 2, 0)
         header = json.loads(raw[24:24 + hlen])
         n = header["num_examples"]
         assert n == shard["num_examples"] and header["nbytes"] == len(raw)
+        assert header["log_id"] == manifest["log_id"]
+        assert header["shard"] == manifest["shards"].index(shard)
+        assert [c["crc32"] for c in header["columns"]] == shard["crc32"]
         last = header["columns"][-1]
         assert last["offset"] + last["nbytes"] == len(raw)
         for col in header["columns"]:
@@ -212,7 +218,7 @@ def test_truncated_shard(tmp_path, examples):
         FeatureLog(path, verify="none").read([20])
 
 
-def test_flipped_data_byte_caught_by_full_verify(tmp_path, examples):
+def test_flipped_data_byte_caught_on_first_read_or_full_verify(tmp_path, examples):
     path = write(tmp_path / "log", examples, per_shard=16)
     shard = path / "shard-00002.tfl"
     raw = bytearray(shard.read_bytes())
@@ -220,12 +226,17 @@ def test_flipped_data_byte_caught_by_full_verify(tmp_path, examples):
     col = {c["name"]: c for c in json.loads(raw[24:24 + hlen])["columns"]}["dense"]
     raw[col["offset"] + 5] ^= 0x10
     shard.write_bytes(bytes(raw))
-    FeatureLog(path, verify="header")  # headers and sizes are fine: only the CRCs see it
+    log = FeatureLog(path, verify="header")  # headers and sizes are fine: only the CRCs see it
+    assert_same(log.read([0, 20, 50]), examples.select([0, 20, 50]))  # other shards read fine
+    with pytest.raises(FeatureLogError, match="shard-00002.tfl: corrupt data: CRC-32 mismatch in "
+                                              "column 'dense'"):
+        log.read([33])  # the first read of shard 2 checks its data
     with pytest.raises(FeatureLogError, match="corrupt data: CRC-32 mismatch in column 'dense'") as e:
         FeatureLog(path, verify="full")
     assert e.value.field.endswith("shard-00002.tfl")
     with pytest.raises(FeatureLogError, match="CRC-32"):
         FeatureLog(path, verify="header").verify_all()
+    FeatureLog(path, verify="none").read([33])  # "none" checks no CRCs
 
 
 def test_corrupt_header_and_magic(tmp_path, examples):
@@ -285,6 +296,7 @@ def test_existing_log_is_not_overwritten_by_accident(tmp_path, examples):
         FeatureLogWriter(path, FEAT, SEL)
     log = write_feature_log(path, examples.select(slice(0, 5)), FEAT, SEL, overwrite=True)
     assert len(log) == 5 and sorted(os.listdir(path)) == ["manifest.json", "shard-00000.tfl"]
+    assert sorted(os.listdir(tmp_path)) == ["log"]  # no staging or old directory left
 
 
 def test_logged_requests_round_trip(tmp_path, requests, examples):
@@ -300,31 +312,39 @@ def test_logged_requests_round_trip(tmp_path, requests, examples):
 def test_unclosed_writer_is_invisible(tmp_path, examples):
     path = tmp_path / "log"
     w = FeatureLogWriter(path, FEAT, SEL, examples_per_shard=16)
-    w.write(examples)  # full shards reach the disk, but the manifest never does ("crash")
-    assert len([f for f in os.listdir(path) if f.endswith(".tfl")]) == len(examples) // 16
+    w.write(examples)  # full shards reach the staging directory, but are never published ("crash")
+    staged = os.listdir(w.staging_path)
+    assert len([f for f in staged if f.endswith(".tfl")]) == len(examples) // 16
+    assert "manifest.json" not in staged
+    assert os.path.dirname(w.staging_path) == str(tmp_path) and not path.exists()
     with pytest.raises(FeatureLogError, match="manifest.json: missing"):
         FeatureLog(path)
+    w.finish()  # the manifest is written, but the log is still not at ``path``
+    with pytest.raises(FeatureLogError, match="manifest.json: missing"):
+        FeatureLog(path)
+    w.publish()
+    assert len(FeatureLog(path)) == len(examples) and not os.path.exists(w.staging_path)
 
 
-def test_crash_mid_shard_leaves_no_accepted_file(tmp_path, examples, monkeypatch):
+def test_crash_while_writing_leaves_the_old_log(tmp_path, examples, monkeypatch):
     path = tmp_path / "log"
-    real_replace = os.replace
+    write_feature_log(path, examples.select(slice(0, 20)), FEAT, SEL, examples_per_shard=16)
+    before = {f: (path / f).read_bytes() for f in os.listdir(path)}
+    real_write = fl_format._write_file
     calls = []
 
-    def dying_replace(src, dst):  # the process "dies" while moving the 2nd shard into place
-        calls.append(dst)
+    def dying_write(file, chunks):  # the process "dies" while writing the 2nd shard
+        calls.append(file)
         if len(calls) == 2:
             raise KeyboardInterrupt("killed")
-        real_replace(src, dst)
+        real_write(file, chunks)
 
-    monkeypatch.setattr(fl_format.os, "replace", dying_replace)
-    w = FeatureLogWriter(path, FEAT, SEL, examples_per_shard=16)
+    monkeypatch.setattr(fl_writer, "_write_file", dying_write)
+    w = FeatureLogWriter(path, FEAT, SEL, examples_per_shard=16, overwrite=True)
     with pytest.raises(KeyboardInterrupt):
         w.write(examples)
-    monkeypatch.setattr(fl_format.os, "replace", real_replace)
-    assert sorted(os.listdir(path)) == ["shard-00000.tfl"]  # temp file removed, no shard 1
-    with pytest.raises(FeatureLogError, match="missing"):
-        FeatureLog(path)
+    assert {f: (path / f).read_bytes() for f in os.listdir(path)} == before
+    assert_same(FeatureLog(path, verify="full").read(np.arange(20)), examples.select(slice(0, 20)))
 
 
 def test_leftovers_beside_a_good_log_are_ignored(tmp_path, examples):
@@ -343,7 +363,7 @@ def test_exception_inside_with_aborts(tmp_path, examples):
         with FeatureLogWriter(path, FEAT, SEL, examples_per_shard=16) as w:
             w.write(examples)
             raise RuntimeError("boom")
-    assert os.listdir(path) == []
+    assert os.listdir(tmp_path) == []  # neither the log nor the staging directory
 
 
 def test_empty_log(tmp_path):

@@ -107,6 +107,16 @@ def shard_range(num_examples: int, shard_index: int = 0, shard_count: int = 1,
     return range(int(shard_index), int(usable), int(shard_count))
 
 
+def _no_examples(source: ExampleSource, shard_index: int, shard_count: int) -> str:
+    """The error for a process with nothing to read, naming the source (a feature log: its path)."""
+    path = getattr(source, "path", None)
+    what = f"the feature log {path}" if path is not None else f"the example source {source!r}"
+    if len(source) == 0:
+        return f"{what} has 0 examples: nothing to read (regenerate it with some users/examples)"
+    return (f"{what} has {len(source)} examples, which leaves 0 for process {shard_index} of "
+            f"{shard_count}")
+
+
 def make_dataset(source: Union[ExampleSource, GrainSource], *, batch_size: int, seed: int = 0,
                  shuffle: bool = True, num_epochs: Optional[int] = 1, drop_remainder: bool = True,
                  shard_index: int = 0, shard_count: int = 1,
@@ -122,6 +132,9 @@ def make_dataset(source: Union[ExampleSource, GrainSource], *, batch_size: int, 
       drop_remainder: drop the final partial batch of a finite run (True keeps shapes static for jit).
       shard_index, shard_count: this process's data-parallel slice.
       even_shards: give every process the same number of examples (drops ``len % shard_count``).
+
+    A source (or process slice) with 0 examples raises ValueError naming the source (a feature log:
+    its path) instead of giving an iterator that stops at once.
     """
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size: must be a positive int, got {batch_size!r}")
@@ -129,6 +142,8 @@ def make_dataset(source: Union[ExampleSource, GrainSource], *, batch_size: int, 
         raise ValueError(f"num_epochs: must be a positive int or None, got {num_epochs!r}")
     grain_source = _as_grain(source)
     rows = shard_range(len(grain_source), shard_index, shard_count, even_shards)
+    if len(rows) == 0:
+        raise ValueError(_no_examples(grain_source.source, shard_index, shard_count))
     ds = grain.MapDataset.range(rows.start, rows.stop, rows.step)
     if shuffle:
         ds = ds.shuffle(seed=derive_seed(seed))

@@ -1,7 +1,9 @@
 """Reading a feature log: :class:`FeatureLog`, random access through memory-mapped shards.
 
 The format is described in :mod:`transact_jax.data.feature_log`; each shard's header is checked by
-:class:`~transact_jax.data.feature_log.format._Shard`.
+:class:`~transact_jax.data.feature_log.format._Shard`, its data against the manifest's CRC-32s the
+first time it is read (:meth:`FeatureLog.read`), and every batch read for values no
+:class:`~transact_jax.data.feature_log.FeatureLogWriter` writes (:func:`value_breaches`).
 """
 from __future__ import annotations
 
@@ -9,15 +11,17 @@ import collections
 import json
 import os
 import threading
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
 from transact_jax.config import FeatureConfig, SelectionConfig
+from transact_jax.data import request_rules as rules
 from transact_jax.data.feature_log.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST,
+    RETIRED_TAG,
     VERIFY_MODES,
     FeatureLogError,
     PathLike,
@@ -25,9 +29,42 @@ from transact_jax.data.feature_log.format import (
     _column_table,
     _Shard,
     _stored_config,
+    sibling_prefix,
+    version_problem,
 )
 from transact_jax.data.schema import TrainingExamples
 from transact_jax.data.source import check_indices
+
+_BOOL_COLUMNS = ("s_all_mask", "nal_target_mask", "nal_negative_mask")
+
+
+def value_breaches(batch: TrainingExamples, feat: FeatureConfig) -> Iterator[rules.Breach]:
+    """Values of ``batch`` that no writer stores, found with cheap vectorized min/max passes.
+
+    The content rules of :mod:`~transact_jax.data.request_rules` for S_all tokens (action bits,
+    surface ids, int8 codes) and candidates (embedding codes, finite ``dense``, ``categorical`` ids in
+    their vocabularies, 0/1 ``labels``), the negatives' codes, and bool columns holding bytes other
+    than 0 and 1. Ids and timestamps have no domain to check. The padding rules of
+    ``TrainingExamples.validate`` are not re-checked (they need more than a min/max pass).
+    """
+    yield from rules.token_breaches("s_all", batch.s_all, feat)
+    yield from rules.candidate_breaches(feat, ("candidate_embedding", batch.candidate_embedding),
+                                        batch.dense, batch.categorical, batch.labels)
+    codes = rules.code_breach("nal_negatives", batch.nal_negatives, "example")
+    if codes is not None:
+        yield codes
+    for name in _BOOL_COLUMNS:
+        raw = getattr(batch, name).view(np.uint8)
+        if raw.size and int(raw.max()) > 1:
+            flat = raw.reshape(len(raw), -1)
+            rows = np.flatnonzero((flat > 1).any(axis=1))
+            yield rules.Breach(name, rows, flat[rows].max(axis=1), "byte {value} is not a bool (0 or 1)",
+                               (len(raw),), "example")
+
+
+def _example_of(breach: rules.Breach) -> int:
+    """The batch row (example) of a breach's first offending row."""
+    return int(np.unravel_index(int(breach.rows[0]), breach.shape)[0])
 
 
 class FeatureLog:
@@ -37,12 +74,16 @@ class FeatureLog:
       path: the log directory.
       feat, sel: the configs the caller expects; ``None`` accepts the stored ones. A difference raises
         :class:`SchemaError` naming the field (e.g. ``"selection_config.k_ll"``).
-      verify: ``"header"`` (default), ``"full"`` (also every CRC) or ``"none"`` (lazy, minimal checks).
+      verify: ``"header"`` (default): every shard header at open, each shard's data CRC-32s the first
+        time it is read, and the values of every batch read; ``"full"``: like ``"header"`` but all
+        data CRC-32s at open; ``"none"``: shards opened lazily with only the checks needed to read
+        them safely (layout, bounds, identity), no CRCs, no value checks (package docstring).
       max_open_shards: memory maps kept open at once (least recently used ones are closed), which
         bounds file descriptors for logs with many shards.
 
     Attributes:
       feat, sel: the stored configs.
+      log_id: the log's identity (the manifest's ``log_id``, repeated in every shard header).
       shard_sizes: (num_shards,) examples per shard; ``shard_starts`` their first global index.
     """
 
@@ -60,16 +101,17 @@ class FeatureLog:
             with open(manifest_path, "rb") as f:
                 manifest = json.loads(f.read())
         except FileNotFoundError as e:
-            raise FeatureLogError(manifest_path, "missing: no feature log here (a writer that was "
-                                  "never closed leaves no manifest)") from e
+            raise FeatureLogError(manifest_path, _missing_manifest(self.path)) from e
         except ValueError as e:
             raise FeatureLogError(manifest_path, f"not valid JSON: {e}") from e
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
             raise FeatureLogError(manifest_path, f"not a feature log manifest (format != "
                                   f"{FORMAT_NAME!r})")
         if manifest.get("version") != FORMAT_VERSION:
-            raise FeatureLogError(manifest_path, f"format version {manifest.get('version')!r}, this "
-                                  f"reader knows {FORMAT_VERSION}")
+            raise FeatureLogError(manifest_path, version_problem(manifest.get("version")))
+        self.log_id = manifest.get("log_id")
+        if not isinstance(self.log_id, str) or not self.log_id:
+            raise FeatureLogError(manifest_path, f"bad log_id {self.log_id!r}")
         self.feat = _stored_config(FeatureConfig, manifest, "feature_config", manifest_path)
         self.sel = _stored_config(SelectionConfig, manifest, "selection_config", manifest_path)
         _check_config(self.feat, feat, "feature_config", self.path)
@@ -79,11 +121,13 @@ class FeatureLog:
             raise FeatureLogError(manifest_path, "column table does not match the stored configs")
         try:
             self._entries = [{"file": str(s["file"]), "num_examples": int(s["num_examples"]),
-                              "nbytes": int(s["nbytes"])} for s in manifest["shards"]]
+                              "nbytes": int(s["nbytes"]), "crc32": [int(c) for c in s["crc32"]]}
+                             for s in manifest["shards"]]
         except (KeyError, TypeError, ValueError) as e:
             raise FeatureLogError(manifest_path, f"bad shard list: {e}") from e
         for s in self._entries:
-            if os.path.basename(s["file"]) != s["file"] or s["num_examples"] <= 0:
+            if (os.path.basename(s["file"]) != s["file"] or s["num_examples"] <= 0
+                    or len(s["crc32"]) != len(self._columns)):
                 raise FeatureLogError(manifest_path, f"bad shard entry {s}")
         self.shard_sizes = np.array([s["num_examples"] for s in self._entries], np.int64)
         self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
@@ -94,13 +138,15 @@ class FeatureLog:
         self._specs = TrainingExamples.column_specs(self.feat, self.sel)
         self.max_open_shards = int(max_open_shards)
         self._shards: List[Optional[_Shard]] = [None] * len(self._entries)
+        self._verified = [verify == "none"] * len(self._entries)  # "none": never checked
+        self._verify_locks = [threading.Lock() for _ in self._entries]
         self._open: "collections.OrderedDict[int, Dict[str, np.ndarray]]" = collections.OrderedDict()
         self._lock = threading.Lock()
         if verify != "none":
             for i in range(len(self._entries)):
-                shard = self._shard(i)
-                if verify == "full":
-                    shard.verify_data()
+                self._shard(i)
+        if verify == "full":
+            self.verify_all()
 
     # -- structure
 
@@ -119,17 +165,28 @@ class FeatureLog:
         shard = self._shards[i]
         if shard is None:
             shard = _Shard(os.path.join(self.path, self._entries[i]["file"]), self._entries[i],
-                           self._columns, self.verify)
+                           self._columns, self.verify, self.log_id, i)
             self._shards[i] = shard
         return shard
 
+    def _verify_shard(self, i: int) -> None:
+        """Check shard ``i``'s data against the manifest's CRC-32s, once per FeatureLog."""
+        if self._verified[i]:
+            return
+        with self._verify_locks[i]:  # one thread verifies; others reading this shard wait for it
+            if not self._verified[i]:
+                self._shard(i).verify_data()
+                self._verified[i] = True
+
     def _columns_of(self, i: int) -> Dict[str, np.ndarray]:
-        """Memory-mapped columns of shard ``i``; at most ``max_open_shards`` maps stay open (LRU)."""
+        """Memory-mapped columns of shard ``i`` (data verified first, see ``verify``); at most
+        ``max_open_shards`` maps stay open (LRU)."""
         with self._lock:
             cols = self._open.get(i)
             if cols is not None:
                 self._open.move_to_end(i)
                 return cols
+        self._verify_shard(i)
         cols = self._shard(i).open()  # outside the lock; a racing duplicate map is harmless
         with self._lock:
             self._open[i] = cols
@@ -152,7 +209,10 @@ class FeatureLog:
         """Examples at ``indices`` (any order, repeats allowed), in that order, as one batch.
 
         One vectorized gather per (shard, column): indices are grouped by shard and sorted within it
-        for sequential access, then scattered back to the requested order.
+        for sequential access, then scattered back to the requested order. Unless ``verify="none"``,
+        a shard's data is checked against its CRC-32s the first time it is read, and the batch's
+        values by :func:`value_breaches`: a bad one raises :class:`FeatureLogError` naming the shard
+        file, the column and the example.
         """
         idx = check_indices(indices, self._len, "a feature log")
         out = {name: np.empty((len(idx),) + shape, dtype) for name, (dtype, shape) in self._specs.items()}
@@ -170,7 +230,17 @@ class FeatureLog:
                 for name, target in out.items():
                     src = cols[name]
                     target[dest] = src[local[0]:local[-1] + 1] if contiguous else src[local]
-        return TrainingExamples.from_columns(out)
+        batch = TrainingExamples.from_columns(out)
+        if self.verify != "none":
+            for breach in value_breaches(batch, self.feat):
+                self._raise_bad_value(breach, int(idx[_example_of(breach)]))
+        return batch
+
+    def _raise_bad_value(self, breach: rules.Breach, example: int) -> None:
+        s = int(np.searchsorted(self.shard_starts, example, side="right") - 1)
+        raise FeatureLogError(self.shard_files[s], f"column {breach.field!r}: {breach.text(0)} (example "
+                              f"{example - int(self.shard_starts[s])} of this shard, {example} of the "
+                              f"log): no FeatureLogWriter writes this value, the shard is corrupt")
 
     def read_range(self, start: int, stop: int) -> TrainingExamples:
         """Examples ``[start, stop)`` in order."""
@@ -184,9 +254,12 @@ class FeatureLog:
         return {name: a[0] for name, a in batch.items()}
 
     def verify_all(self) -> None:
-        """Open every shard and check every CRC-32 (what ``verify="full"`` does at open)."""
+        """Check every shard's data against the manifest's CRC-32s (what ``verify="full"`` does at
+        open), even if already checked."""
         for i in range(self.num_shards):
-            self._shard(i).verify_data()
+            with self._verify_locks[i]:
+                self._shard(i).verify_data()
+                self._verified[i] = True
 
     # -- lifetime
 
@@ -204,9 +277,26 @@ class FeatureLog:
         self.close()
 
     def __reduce__(self):
-        # Picklable for multi-process input pipelines: a worker reopens the log lazily.
-        return (FeatureLog, (self.path, self.feat, self.sel, "none", self.max_open_shards))
+        # Picklable for multi-process input pipelines: a worker reopens the log, checking the headers
+        # and (lazily) the data again unless this log checks nothing.
+        verify = "none" if self.verify == "none" else "header"
+        return (FeatureLog, (self.path, self.feat, self.sel, verify, self.max_open_shards))
 
     def __repr__(self) -> str:
         return (f"FeatureLog({self.path!r}, examples={self._len}, shards={self.num_shards}, "
                 f"bytes_per_example={self.bytes_per_example():.0f})")
+
+
+def _missing_manifest(path: str) -> str:
+    """Why there is no manifest at ``path``, naming an old log a killed writer moved aside."""
+    parent = os.path.dirname(os.path.normpath(path)) or "."
+    prefix = sibling_prefix(path, RETIRED_TAG)
+    try:
+        retired = sorted(n for n in os.listdir(parent) if n.startswith(prefix))
+    except OSError:
+        retired = []
+    if retired and not os.path.lexists(path):
+        return (f"missing: a writer is replacing this log, or was killed while doing so; the old log "
+                f"is in {os.path.join(parent, retired[-1])} (the next FeatureLogWriter for this "
+                f"path moves it back)")
+    return "missing: no feature log here (a writer that never finished leaves no manifest)"
