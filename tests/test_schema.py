@@ -579,8 +579,8 @@ def test_feature_config_rejects(kwargs, field):
     ({"k_imp": "32"}, "k_imp"),
     ({"num_nal_negatives": -1}, "num_nal_negatives"),
     ({"k_ll": 0, "r": 0, "k_rt": 0, "k_imp": 0}, "S_all"),
-    ({"r": 101}, "r=101"),
-    ({"max_rt_len": 10}, "r=32"),
+    ({"r": 101}, "r[=:] ?101 exceeds max_rt_len=100"),
+    ({"max_rt_len": 10}, "r[=:] ?32 exceeds max_rt_len=10"),
 ])
 def test_selection_config_rejects(kwargs, field):
     with pytest.raises(ValueError, match=field):

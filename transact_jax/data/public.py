@@ -68,7 +68,7 @@ def _columns(rows: List[List[str]], names, kinds, path: str, first_line: int) ->
 def read_movielens(path: PathLike) -> Interactions:
     """MovieLens ratings, ``ratings.dat`` (``::``) or ``ratings.csv`` (by the file's first line)."""
     path = os.fspath(path)
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         first = f.readline()
         if "::" in first:
             rows = [first.rstrip("\r\n").split("::")] + [ln.rstrip("\r\n").split("::") for ln in f
@@ -91,7 +91,7 @@ def read_movielens(path: PathLike) -> Interactions:
 def read_interactions_csv(path: PathLike) -> Interactions:
     """The generic interactions CSV (module docstring)."""
     path = os.fspath(path)
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
         rows = [r for r in reader if r]

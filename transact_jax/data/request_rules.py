@@ -15,12 +15,18 @@ split into requests, so the first one raises :class:`SchemaError` naming the fie
 * tokens (``ll.tokens.*``, ``rt.tokens.*``, ``imp.tokens.*``): only the A configured action bits may be
   set; surface ids lie in ``[0, S)``; int8 embedding codes lie in ``[-127, 127]``: the code -128 is
   never produced by the codec (``pallas_kernels.int8_codec``) and is rejected wherever codes enter;
+* chronological order (field ``ll.tokens.timestamps`` etc.): within each request's sequence the
+  token timestamps never decrease (index 0 the oldest; equal timestamps are fine). Truncation keeps
+  the last tokens as the most recent ones, so an out-of-order sequence would be scored on the wrong
+  tokens; the problem names the position in the sequence;
 * sequence lengths (field ``ll``/``rt``/``imp``): at most ``SelectionConfig.max_lengths[family]``.
   Serving may instead truncate: a sequence longer than its maximum keeps its most recent tokens
   (``RequestBatch.truncate_recent``; docs/design.md, "Truncation and over-long sequences"). Empty
   sequences are valid (their S_all segments are padding);
-* candidates: ``cand_embedding`` codes as above; ``dense`` finite (no NaN/inf); ``categorical[:, c]``
-  in ``[0, categorical_vocab_sizes[c])``; ``labels`` (when present) 0 or 1;
+* candidates: ``cand_embedding`` codes as above; ``dense`` finite (no NaN/inf) and within
+  ``[-DENSE_BOUND, DENSE_BOUND]`` (:data:`DENSE_BOUND` = 1e6: far larger magnitudes, although finite,
+  overflow float32 inside the model and score NaN; scale such features before serving or training);
+  ``categorical[:, c]`` in ``[0, categorical_vocab_sizes[c])``; ``labels`` (when present) 0 or 1;
 * at least one candidate per request (serving only: a request with nothing to rank; a logged batch
   may hold requests whose candidates were all dropped).
 
@@ -46,6 +52,11 @@ from transact_jax.data.schema import (
 UNUSED_CODE = -128
 """The int8 code the codec never produces (codes are symmetric, in ``[-127, 127]``)."""
 CODE_PROBLEM = "int8 code -128 is outside the codec's [-127, 127]"
+DENSE_BOUND = 1e6
+"""Largest magnitude of a dense feature value: ``|dense| <= DENSE_BOUND`` (module docstring)."""
+DENSE_PROBLEM = (f"value {{value}} is outside [-{DENSE_BOUND:g}, {DENSE_BOUND:g}] "
+                 "(DENSE_BOUND; scale the feature)")
+"""The problem of a dense value beyond the bound; ``{value}`` stands for the value."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +146,29 @@ def token_breaches(name: str, tokens: TokenFields, feat: FeatureConfig) -> Itera
         yield codes
 
 
+def order_breach(name: str, seqs: JaggedSequences) -> Optional[Breach]:
+    """Tokens of jagged ``seqs`` (field ``{name}.tokens.timestamps``, one row per token) whose timestamp
+    is earlier than the previous token's of the same sequence; the problem names the position in the
+    sequence and both timestamps. Offsets must be valid (:func:`check_jagged`)."""
+    t = seqs.tokens.timestamps
+    if len(t) < 2:
+        return None
+    earlier = np.zeros(len(t), bool)
+    earlier[1:] = t[1:] < t[:-1]
+    if not earlier.any():
+        return None
+    offsets = seqs.offsets
+    earlier[offsets[:-1][offsets[:-1] < len(t)]] = False   # a sequence's first token has no previous
+    rows = np.flatnonzero(earlier)
+    if not rows.size:
+        return None
+    position = rows - offsets[np.searchsorted(offsets, rows, side="right") - 1]
+    values = np.array([f"token {p} (timestamp {t[r]}) is earlier than token {p - 1} (timestamp "
+                       f"{t[r - 1]})" for p, r in zip(position.tolist(), rows.tolist())])
+    return Breach(f"{name}.tokens.timestamps", rows, values,
+                  "{value}: sequences must be chronological, oldest first", t.shape, "token")
+
+
 def length_breach(name: str, lengths: np.ndarray, max_len: int) -> Optional[Breach]:
     """Sequences longer than ``max_len`` (field ``name``, one row per sequence)."""
     if not lengths.size or int(lengths.max()) <= max_len:
@@ -147,17 +181,22 @@ def length_breach(name: str, lengths: np.ndarray, max_len: int) -> Optional[Brea
 def candidate_breaches(feat: FeatureConfig, embedding: Tuple[str, np.ndarray], dense: np.ndarray,
                        categorical: np.ndarray, labels: Optional[np.ndarray]) -> Iterator[Breach]:
     """Content rules of per-candidate features (one row per candidate): the candidate embedding's
-    codes (``embedding`` = (field name, codes)), finite ``dense``, ``categorical[:, c]`` ids within
-    their vocabularies and 0/1 ``labels`` (None: not checked)."""
+    codes (``embedding`` = (field name, codes)), finite ``dense`` within ``DENSE_BOUND``,
+    ``categorical[:, c]`` ids within their vocabularies and 0/1 ``labels`` (None: not checked)."""
     name, codes = embedding
     found = code_breach(name, codes, "candidate")
     if found is not None:
         yield found
     n = len(dense)
-    if dense.size and not np.isfinite(dense).all():
-        bad = ~np.isfinite(dense)
-        yield _breach("dense", bad.any(axis=1), _first_where(bad, dense), "contains NaN/inf",
-                      (n,), "candidate")
+    if dense.size and not (dense.min() >= -DENSE_BOUND and dense.max() <= DENSE_BOUND):  # NaN fails
+        nonfinite = ~np.isfinite(dense)
+        if nonfinite.any():
+            yield _breach("dense", nonfinite.any(axis=1), _first_where(nonfinite, dense),
+                          "contains NaN/inf", (n,), "candidate")
+        large = np.abs(np.where(nonfinite, 0, dense)) > DENSE_BOUND
+        if large.any():
+            yield _breach("dense", large.any(axis=1), _first_where(large, dense), DENSE_PROBLEM,
+                          (n,), "candidate")
     for c, vocab in enumerate(feat.categorical_vocab_sizes):
         col = categorical[:, c]
         if _out_of_range(col, vocab):
@@ -281,7 +320,7 @@ def request_problems(batch: RequestBatch, feat: FeatureConfig, sel: SelectionCon
     for name, seqs in batch.sequences():
         if lengths:
             note(length_breach(name, seqs.lengths, limits[name]), same)
-        for b in token_breaches(f"{name}.tokens", seqs.tokens, feat):
+        for b in (*token_breaches(f"{name}.tokens", seqs.tokens, feat), order_breach(name, seqs)):
             note(b, lambda rows, offsets=seqs.offsets: np.searchsorted(offsets, rows, side="right") - 1)
     c2r = batch.cand_to_req
     if candidates:
@@ -307,7 +346,8 @@ def validate_requests(batch: RequestBatch, feat: FeatureConfig, sel: SelectionCo
 
 
 __all__ = [
-    "CODE_PROBLEM", "UNUSED_CODE", "Breach", "RequestProblem", "candidate_breaches", "check_codes",
-    "check_jagged", "check_structure", "check_token_arrays", "code_breach", "length_breach",
-    "raise_first", "request_problems", "token_breaches", "validate_requests",
+    "CODE_PROBLEM", "DENSE_BOUND", "DENSE_PROBLEM", "UNUSED_CODE", "Breach", "RequestProblem",
+    "candidate_breaches", "check_codes", "check_jagged", "check_structure", "check_token_arrays",
+    "code_breach", "length_breach", "order_breach", "raise_first", "request_problems",
+    "token_breaches", "validate_requests",
 ]

@@ -368,10 +368,12 @@ class RequestBatch:
     candidate to its request. :func:`broadcast` gives the per-candidate layout of a naive server.
 
     Attributes:
-      ll, rt, imp: (U requests) jagged S_LL, S_RT, S_imp, chronological.
+      ll, rt, imp: (U requests) jagged S_LL, S_RT, S_imp, chronological (token timestamps never
+        decrease within a request's sequence; index 0 the oldest).
       user_id, request_id, request_timestamp: (U,) int64.
       cand_item_id: (N,) int64; cand_embedding: (N, D) int8 codes; cand_to_req: (N,) int32 in [0, U).
-      dense: (N, num_dense) float32; categorical: (N, C) int32.
+      dense: (N, num_dense) float32, finite and within ``request_rules.DENSE_BOUND``;
+      categorical: (N, C) int32.
       labels: (N, H) uint8 for logged requests (training data), or None when serving.
 
     Every field's rules are in :mod:`transact_jax.data.request_rules`. Empty sequences are valid;

@@ -12,6 +12,11 @@ host-to-device copy, forward launch). A completer thread waits for each batch's 
 (device-to-host) and resolves the futures, so that up to ``pipeline_depth`` batches are in flight:
 the next batch is prepared and copied while the device still computes the previous one.
 
+Every accepted request's future resolves, whatever the ranker does: if ``dispatch`` or ``finish``
+raises, or the result does not match the batch (not one (n, H) array per request, with n its
+candidates: :class:`BatchResultMismatch`), every future of that batch fails with the error and the
+next batches go on.
+
 Validation runs in ``submit`` (the caller's thread): a bad request's future fails at once with a
 :class:`~transact_jax.serving.validation.RequestError` naming the field, and never reaches a batch,
 so it cannot fail other requests. A request with more candidates than ``max_batch_candidates`` is
@@ -39,12 +44,19 @@ import time
 from concurrent.futures import Future
 from typing import Deque, Dict, List, Optional
 
+import numpy as np
+
 from transact_jax.data.schema import RequestBatch
 from transact_jax.serving.validation import RequestError
 
 
 class Overloaded(RuntimeError):
     """The batcher's queue is full: the request was not accepted (retry later or add capacity)."""
+
+
+class BatchResultMismatch(RuntimeError):
+    """The ranker's result for a batch does not match its requests (a fault inside the ranker): every
+    future of the batch fails with it rather than receiving another request's scores."""
 
 
 class BatcherClosed(RuntimeError):
@@ -277,9 +289,11 @@ class DynamicBatcher:
                     return batch
 
     def _fail(self, items: List[_Item], error: BaseException) -> None:
-        for item in items:
+        """Fail the futures of ``items`` not resolved yet with ``error``."""
+        pending = [item for item in items if not item.future.done()]
+        for item in pending:
             item.future.set_exception(error)
-        self._count("failed", len(items))
+        self._count("failed", len(pending))
 
     def _dispatch_loop(self) -> None:
         while True:
@@ -305,23 +319,37 @@ class DynamicBatcher:
                 return
             inflight, items, t_taken = job
             try:
-                outs, report = inflight.finish()
-            except BaseException as e:  # noqa: BLE001
+                try:
+                    outs, report = inflight.finish()
+                finally:
+                    self._slots.release()
+                self._resolve(items, list(outs), report, t_taken)
+            except BaseException as e:  # noqa: BLE001 - every future of the batch must resolve
                 self._fail(items, e)
-                continue
-            finally:
-                self._slots.release()
-            t_done = time.perf_counter()
-            times = report.times
-            for item, out in zip(items, outs):
-                item.future.timing = RequestTiming(
-                    validate=item.validate_s, queue=t_taken - item.t_enqueue, prep=times["prep"],
-                    pin=times.get("pin"), h2d=times.get("h2d"), forward=times.get("forward"),
-                    d2h=times.get("d2h"), batch=t_done - t_taken, e2e=t_done - item.t_submit,
-                    batch_requests=report.num_requests, batch_candidates=report.num_candidates,
-                    t_submit=item.t_submit, t_done=t_done, h2d_bytes=report.h2d_bytes)
-                item.future.set_result(out)
-            with self._cond:
-                self._stats["batches"] += 1
-                self._stats["completed"] += len(items)
-                self._stats["candidates"] += report.num_candidates
+
+    def _resolve(self, items: List[_Item], outs: List, report, t_taken: float) -> None:
+        """Set each request's result (with its timing) from one batch's ``outs``, after checking
+        that they match the batch: one array per request, with one row per candidate."""
+        if len(outs) != len(items):
+            raise BatchResultMismatch(f"the ranker returned {len(outs)} results for a batch of "
+                                      f"{len(items)} requests")
+        for i, (item, out) in enumerate(zip(items, outs)):
+            rows = np.shape(out)[:1]
+            if rows != (item.n,):
+                raise BatchResultMismatch(f"the ranker returned {rows[0] if rows else 'no'} rows for "
+                                          f"request {i} of the batch, which has {item.n} candidates")
+        t_done = time.perf_counter()
+        times = report.times
+        for item, out in zip(items, outs):
+            item.future.timing = RequestTiming(
+                validate=item.validate_s, queue=t_taken - item.t_enqueue, prep=times["prep"],
+                pin=times.get("pin"), h2d=times.get("h2d"), forward=times.get("forward"),
+                d2h=times.get("d2h"), batch=t_done - t_taken, e2e=t_done - item.t_submit,
+                batch_requests=report.num_requests, batch_candidates=report.num_candidates,
+                t_submit=item.t_submit, t_done=t_done, h2d_bytes=report.h2d_bytes)
+        for item, out in zip(items, outs):
+            item.future.set_result(out)
+        with self._cond:
+            self._stats["batches"] += 1
+            self._stats["completed"] += len(items)
+            self._stats["candidates"] += report.num_candidates

@@ -10,9 +10,13 @@ what is specific to serving:
   call fails with a :class:`~transact_jax.data.schema.SchemaError` naming the field. A single request
   submitted to the batcher is checked the same way, and its structure errors become that request's
   error.
-* **content** (:func:`request_errors`): the rule book's per-request problems (action bits, surface
-  ids, the int8 code -128, NaN/inf dense features, categorical ids, and an empty candidate list),
-  each a :class:`RequestError` naming the request (index and ``request_id``), field and problem.
+* **content** (:func:`request_errors`): the rule book's per-request problems, each a
+  :class:`RequestError` naming the request (index and ``request_id``), field and problem: action
+  bits, surface ids, the int8 code -128, sequences out of chronological order (field
+  ``ll.tokens.timestamps`` etc.; the problem names the token's position in the sequence), dense
+  features that are NaN/inf or outside ``[-DENSE_BOUND, DENSE_BOUND]`` (``DENSE_BOUND`` = 1e6,
+  :data:`transact_jax.data.request_rules.DENSE_BOUND`: larger finite values overflow float32 inside
+  the model and would score NaN), categorical ids, and an empty candidate list.
 * **over-long sequences**, by the ``overlong`` policy: ``"truncate"`` (the default) is not an error:
   a sequence longer than its configured maximum keeps its most recent tokens, exactly as the
   logged-feature path does (``RequestBatch.truncate_recent``); ``"reject"`` makes it the request's

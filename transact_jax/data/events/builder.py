@@ -87,6 +87,19 @@ class _Tokens:
     group_first_time: np.ndarray
 
 
+def _window_ends(group: np.ndarray, time: np.ndarray, starts: np.ndarray, window: int,
+                 pairs: "_SortedPairs") -> np.ndarray:
+    """Per token start ``s`` (events sorted by (group, time)), the first event of its group at or after
+    ``time[s] + window``, or the group's end. Overflow-safe: where ``time[s] + window`` exceeds int64,
+    no event is that late and the token runs to the end of its group."""
+    t0 = time[starts]
+    saturated = t0 > INT64_MAX - window
+    end = np.searchsorted(group, group[starts], side="right")
+    fits = ~saturated
+    end[fits] = pairs.first_at_or_after(group[starts[fits]], t0[fits] + window)
+    return end
+
+
 def _anchored_starts(group: np.ndarray, time: np.ndarray, window: int) -> np.ndarray:
     """Token start positions in events sorted by (group, time): a token covers ``[t0, t0 + window)``.
 
@@ -99,7 +112,7 @@ def _anchored_starts(group: np.ndarray, time: np.ndarray, window: int) -> np.nda
     active = np.flatnonzero(np.r_[True, group[1:] != group[:-1]]) if n else np.zeros(0, np.int64)
     while active.size:
         is_start[active] = True
-        nxt = np.maximum(pairs.first_at_or_after(group[active], time[active] + window), active + 1)
+        nxt = np.maximum(_window_ends(group, time, active, window, pairs), active + 1)
         inside = nxt < n
         src, nxt = active[inside], nxt[inside]
         active = nxt[group[nxt] == group[src]]

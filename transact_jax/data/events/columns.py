@@ -1,6 +1,6 @@
-"""Column parsing for the event-log tables: required columns, integer / float / name / label
-conversion with errors that name ``<table>.<column>`` and the first bad row, and the numbered column
-families (``emb_k``, ``dense_k``, ``cat_k``) of the item and request tables."""
+"""Column parsing for the event-log tables: required columns, integer / float / name / label /
+timestamp conversion with errors that name ``<table>.<column>`` and the first bad row, and the
+numbered column families (``emb_k``, ``dense_k``, ``cat_k``) of the item and request tables."""
 from __future__ import annotations
 
 import re
@@ -9,6 +9,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from transact_jax.config import FeatureConfig
+from transact_jax.data.request_rules import DENSE_BOUND, DENSE_PROBLEM
 from transact_jax.data.schema import SchemaError, check_finite
 
 INT64_MAX = np.iinfo(np.int64).max
@@ -68,22 +69,64 @@ def to_int64(a: np.ndarray, field: str, non_negative: bool = False) -> np.ndarra
     return out
 
 
-def to_float32(a: np.ndarray, field: str) -> np.ndarray:
-    """Finite floats (float/int dtype or decimal strings) as float32."""
+def _to_numbers(a: np.ndarray, field: str) -> np.ndarray:
+    """Numbers (float/int/bool dtype, or decimal strings parsed as float64), not yet checked."""
     if a.dtype.kind in "USO":
         s = np.char.strip(a.astype(str))
         try:
-            a = s.astype(np.float64)
+            return s.astype(np.float64)
         except ValueError:
             row, bad = _first_bad(s, float)
             raise SchemaError(field, f"row {row}: {bad!r} is not a number") from None
-    elif a.dtype.kind not in "fiub":
+    if a.dtype.kind not in "fiub":
         raise SchemaError(field, f"expected numbers, got dtype {a.dtype}")
+    return a
+
+
+def to_float32(a: np.ndarray, field: str) -> np.ndarray:
+    """Finite floats (float/int dtype or decimal strings) as float32."""
+    a = _to_numbers(a, field)
     check_finite(field, a.astype(np.float64))
     with np.errstate(over="ignore"):
         out = a.astype(np.float32)
     check_finite(field, out)
     return out
+
+
+TIMESTAMP_UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000}
+"""Units of timestamp columns: ticks per second."""
+_UNIT_NAMES = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}
+_TICKS = {**TIMESTAMP_UNITS, "ns": 1_000_000_000}
+PLAUSIBLE_SECONDS = 1e11
+"""Largest median ``|timestamp|`` in seconds taken at face value (about the year 5000 since 1970);
+a larger median means the values are in a finer unit than declared (today: ~1.7e9 s, 1.7e12 ms)."""
+
+
+def _short(x: float) -> str:
+    """``1.6e12`` style: two significant digits, no ``+`` or leading zeros in the exponent."""
+    mantissa, exponent = f"{x:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def to_seconds(a: np.ndarray, field: str, unit: str = "s") -> np.ndarray:
+    """Integer timestamps in ``unit`` (:data:`TIMESTAMP_UNITS`) as int64 whole seconds, rounded down
+    (so the order of two timestamps never flips; times within one second may become equal).
+
+    Values whose median magnitude is too large for ``unit`` (over :data:`PLAUSIBLE_SECONDS` seconds)
+    look like a finer unit and are rejected, naming it: millisecond timestamps read as seconds would
+    silently make every time window 1000 times shorter.
+    """
+    if unit not in TIMESTAMP_UNITS:
+        raise SchemaError("timestamp_unit", f"expected one of {list(TIMESTAMP_UNITS)}, got {unit!r}")
+    t = to_int64(a, field)
+    median = float(np.median(np.abs(t.astype(np.float64)))) if t.size else 0.0
+    if median / TIMESTAMP_UNITS[unit] > PLAUSIBLE_SECONDS:
+        looks = next((u for u, ticks in _TICKS.items() if median / ticks <= PLAUSIBLE_SECONDS), "ns")
+        fix = (f"set timestamp_unit={looks!r}" if looks in TIMESTAMP_UNITS else
+               f"convert them to one of {list(TIMESTAMP_UNITS)}")
+        raise SchemaError(field, f"values look like {_UNIT_NAMES[looks]} (median {_short(median)}), "
+                          f"not {_UNIT_NAMES[unit]}; {fix}")
+    return t // TIMESTAMP_UNITS[unit] if unit != "s" else t
 
 
 def to_codes(a: np.ndarray, field: str, vocab: Mapping[str, int]) -> np.ndarray:
@@ -100,15 +143,14 @@ def to_codes(a: np.ndarray, field: str, vocab: Mapping[str, int]) -> np.ndarray:
 
 
 def to_labels(a: np.ndarray, field: str) -> np.ndarray:
-    """0/1 labels (ints, bools or strings) as uint8."""
-    if a.dtype.kind == "f":  # 0.0 / 1.0 floats are fine, anything else is reported below
-        check_finite(field, a)
-        v = np.where(a == np.round(a), a, -1).astype(np.int64)
-    else:
-        v = a.astype(np.int64) if a.dtype.kind == "b" else to_int64(a, field)
-    if v.size and ((v < 0) | (v > 1)).any():
-        row = int(np.argmax((v < 0) | (v > 1)))
-        raise SchemaError(field, f"row {row}: label {v[row]} is not 0 or 1")
+    """0/1 labels (ints, bools, floats such as 0.0 / 1.0, or strings of those) as uint8; any other
+    value (0.5, 2, NaN, ...) is an error naming the row and the value."""
+    v = _to_numbers(a, field)
+    bad = (v != 0) & (v != 1)   # NaN compares unequal to both: reported too
+    if bad.any():
+        row = int(np.argmax(bad))
+        shown = str(a[row]).strip() if a.dtype.kind in "USO" else str(v[row])
+        raise SchemaError(field, f"row {row}: label {shown} is not 0 or 1")
     return v.astype(np.uint8)
 
 
@@ -167,9 +209,16 @@ def label_columns(cols: Mapping[str, np.ndarray], n: int, feat: FeatureConfig) -
 
 
 def dense_columns(cols: Mapping[str, np.ndarray], n: int, feat: FeatureConfig) -> np.ndarray:
+    """(N, num_dense) float32 from ``dense_k`` columns (a missing one is 0); values must be finite
+    and within ``DENSE_BOUND`` (:mod:`transact_jax.data.request_rules`)."""
     out = np.zeros((n, feat.num_dense), np.float32)
     for k, name in numbered_columns(cols, "requests", "dense_", feat.num_dense).items():
         out[:, k] = to_float32(column(cols, "requests", name, n), f"requests.{name}")
+        large = np.abs(out[:, k]) > DENSE_BOUND
+        if large.any():
+            row = int(np.argmax(large))
+            raise SchemaError(f"requests.{name}",
+                              f"row {row}: {DENSE_PROBLEM.replace('{value}', str(out[row, k]))}")
     return out
 
 

@@ -21,9 +21,10 @@ TableSource = Union[str, os.PathLike, Mapping[str, np.ndarray]]
 
 
 def _read_csv(path: Path, table: str) -> Dict[str, np.ndarray]:
-    """Columns of a CSV file with a header row, as string arrays."""
+    """Columns of a CSV file with a header row, as string arrays. UTF-8, with or without a byte-order
+    mark (spreadsheet exports start with one; it is not part of the first column's name)."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             rows = [row for row in csv.reader(f) if row]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise SchemaError(table, f"cannot read {path}: {e}") from e

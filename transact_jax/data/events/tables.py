@@ -11,6 +11,8 @@ import numpy as np
 
 from transact_jax.config import FeatureConfig
 from transact_jax.data.events.columns import (
+    INT64_MAX,
+    TIMESTAMP_UNITS,
     categorical_columns,
     column,
     dense_columns,
@@ -18,6 +20,7 @@ from transact_jax.data.events.columns import (
     label_columns,
     to_codes,
     to_int64,
+    to_seconds,
 )
 from transact_jax.data.events.files import TableSource, read_table
 from transact_jax.data.schema import SchemaError
@@ -31,23 +34,36 @@ TABLES = ("events", "items", "requests")
 
 @dataclasses.dataclass(frozen=True)
 class EventLogConfig:
-    """How the builder turns events into tokens.
+    """How an event log is read (:meth:`EventLog.load`) and how the builder turns events into tokens.
 
     Attributes:
       merge_window_s: explicit events of one (user, item) within this many seconds of a token's first
-        event merge into that token (multi-hot actions); 0 disables merging.
+        event merge into that token (multi-hot actions); 0 disables merging. Any int64 is valid:
+        the window's end is computed without overflow (a window longer than the span of the
+        timestamps merges all of a (user, item)'s explicit events into one token).
       on_missing_item: ``"raise"`` (default) or ``"drop"`` events / candidates whose item has no
         embedding.
+      timestamp_unit: unit of the ``timestamp`` columns of the events and requests tables as read by
+        :meth:`EventLog.load`: ``"s"`` (default), ``"ms"`` or ``"us"``. Values are converted to whole
+        seconds (rounded down), the unit of every table and of ``merge_window_s``. Timestamps whose
+        median is implausibly large for the unit (e.g. milliseconds read as seconds) are rejected,
+        naming the unit they look like (:func:`~transact_jax.data.events.columns.to_seconds`).
     """
 
     merge_window_s: int = 3600
     on_missing_item: str = "raise"
+    timestamp_unit: str = "s"
 
     def __post_init__(self):
-        if not isinstance(self.merge_window_s, (int, np.integer)) or self.merge_window_s < 0:
-            raise SchemaError("merge_window_s", f"must be a non-negative int, got {self.merge_window_s!r}")
+        w = self.merge_window_s
+        if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or not 0 <= w <= INT64_MAX:
+            raise SchemaError("merge_window_s", f"must be an int in [0, {INT64_MAX}] (seconds), "
+                              f"got {w!r}")
         if self.on_missing_item not in ("raise", "drop"):
             raise SchemaError("on_missing_item", f"must be 'raise' or 'drop', got {self.on_missing_item!r}")
+        if self.timestamp_unit not in TIMESTAMP_UNITS:
+            raise SchemaError("timestamp_unit", f"must be one of {list(TIMESTAMP_UNITS)}, got "
+                              f"{self.timestamp_unit!r}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -71,7 +87,9 @@ class EventTable:
         return self.action == IMPRESSION_CODE
 
     @classmethod
-    def from_columns(cls, cols: Mapping[str, np.ndarray], feat: FeatureConfig) -> "EventTable":
+    def from_columns(cls, cols: Mapping[str, np.ndarray], feat: FeatureConfig,
+                     timestamp_unit: str = "s") -> "EventTable":
+        """Validate raw columns; ``timestamp`` is in ``timestamp_unit`` (``EventLogConfig``)."""
         if IMPRESSION in feat.action_names:
             raise SchemaError("events.action", f"{IMPRESSION!r} is reserved and cannot be an action name")
         n = len(column(cols, "events", "user_id", None))
@@ -84,7 +102,7 @@ class EventTable:
             item_id=to_int64(get("item_id"), "events.item_id", non_negative=True),
             action=to_codes(get("action"), "events.action", actions).astype(np.int8),
             surface=to_codes(get("surface"), "events.surface", surfaces).astype(np.int16),
-            timestamp=to_int64(get("timestamp"), "events.timestamp"),
+            timestamp=to_seconds(get("timestamp"), "events.timestamp", timestamp_unit),
             action_names=tuple(feat.action_names), surface_names=tuple(feat.surface_names))
 
     def to_columns(self) -> Dict[str, np.ndarray]:
@@ -144,11 +162,14 @@ class RequestTable:
         return int(self.request_id.shape[0])
 
     @classmethod
-    def from_columns(cls, cols: Mapping[str, np.ndarray], feat: FeatureConfig) -> "RequestTable":
+    def from_columns(cls, cols: Mapping[str, np.ndarray], feat: FeatureConfig,
+                     timestamp_unit: str = "s") -> "RequestTable":
+        """Validate raw columns; ``timestamp`` is in ``timestamp_unit`` (``EventLogConfig``)."""
         n = len(column(cols, "requests", "request_id", None))
         get = lambda name: column(cols, "requests", name, n)  # noqa: E731
-        ids = {name: to_int64(get(name), f"requests.{name}", non_negative=(name != "timestamp"))
-               for name in ("request_id", "user_id", "timestamp", "item_id")}
+        ids = {name: to_int64(get(name), f"requests.{name}", non_negative=True)
+               for name in ("request_id", "user_id", "item_id")}
+        ids["timestamp"] = to_seconds(get("timestamp"), "requests.timestamp", timestamp_unit)
         return cls(**ids, dense=dense_columns(cols, n, feat),
                    categorical=categorical_columns(cols, n, feat),
                    labels=label_columns(cols, n, feat), heads=tuple(feat.heads))
@@ -181,15 +202,17 @@ class EventLog:
 
     @classmethod
     def load(cls, events: TableSource, items: TableSource, requests: TableSource,
-             feat: FeatureConfig = FeatureConfig()) -> "EventLog":
-        """Load and validate the three tables, each from a ``.csv`` / ``.npz`` path or a mapping."""
-        return cls(EventTable.from_columns(read_table(events, "events"), feat),
+             feat: FeatureConfig = FeatureConfig(), cfg: EventLogConfig = EventLogConfig()) -> "EventLog":
+        """Load and validate the three tables, each from a ``.csv`` / ``.npz`` path or a mapping;
+        timestamps are read in ``cfg.timestamp_unit`` and stored in seconds."""
+        unit = cfg.timestamp_unit
+        return cls(EventTable.from_columns(read_table(events, "events"), feat, unit),
                    ItemTable.from_columns(read_table(items, "items"), feat),
-                   RequestTable.from_columns(read_table(requests, "requests"), feat))
+                   RequestTable.from_columns(read_table(requests, "requests"), feat, unit))
 
     @classmethod
-    def load_dir(cls, directory: Union[str, os.PathLike],
-                 feat: FeatureConfig = FeatureConfig()) -> "EventLog":
+    def load_dir(cls, directory: Union[str, os.PathLike], feat: FeatureConfig = FeatureConfig(),
+                 cfg: EventLogConfig = EventLogConfig()) -> "EventLog":
         """Load ``events``, ``items`` and ``requests`` (each ``.csv`` or ``.npz``) from a directory."""
         paths = []
         for table in TABLES:
@@ -199,4 +222,4 @@ class EventLog:
                 raise SchemaError(table, f"expected exactly one of {table}.csv / {table}.npz in "
                                   f"{directory}, found {len(found)}")
             paths.append(found[0])
-        return cls.load(*paths, feat=feat)
+        return cls.load(*paths, feat=feat, cfg=cfg)
