@@ -279,3 +279,19 @@ def _sel_config(tmp_path):
     path = tmp_path / "cfg.json"
     path.write_text('{"selection": {"max_ll_len": 50, "k_ll": 8}}')
     return path
+
+
+def test_timestamp_unit_of_interactions():
+    """Millisecond timestamps: refused as seconds (named), read with ``timestamp_unit="ms"`` to the
+    same requests as the seconds file."""
+    rows = [(u, i, r, t + 1_500_000_000) for u, i, r, t in ratings()]   # 2017 in Unix seconds
+    ms = [(u, i, r, t * 1000 + 999) for u, i, r, t in rows]
+    with pytest.raises(SchemaError) as e:
+        build_event_logs(interactions(ms), InteractionRecipe(negatives_per_request=3))
+    assert e.value.field == "timestamp" and "timestamp_unit='ms'" in str(e.value)
+    a = build_event_logs(interactions(rows), InteractionRecipe(negatives_per_request=3))
+    b = build_event_logs(interactions(ms), InteractionRecipe(negatives_per_request=3,
+                                                             timestamp_unit="ms"))
+    for split in ("train", "eval", "test"):
+        np.testing.assert_array_equal(a[split].requests.timestamp, b[split].requests.timestamp)
+        np.testing.assert_array_equal(a[split].requests.item_id, b[split].requests.item_id)

@@ -48,6 +48,7 @@ import numpy as np
 
 from transact_jax.config import FeatureConfig
 from transact_jax.data.events import EventLog, EventTable, ItemTable, RequestTable
+from transact_jax.data.events.columns import to_seconds
 from transact_jax.data.item_embeddings import ItemEmbeddingConfig, learn_item_embeddings
 from transact_jax.data.schema import SchemaError
 
@@ -93,7 +94,9 @@ class Interactions:
 
 @dataclasses.dataclass(frozen=True)
 class InteractionRecipe:
-    """How interactions become requests (module docstring). Ratings are on the data's scale."""
+    """How interactions become requests (module docstring). Ratings are on the data's scale;
+    ``timestamp_unit`` ("s", "ms" or "us") is the unit of the timestamps (converted to seconds;
+    values that look like a finer unit than declared are refused, naming it)."""
 
     positive_rating: float = 4.0
     negative_rating: float = 2.0
@@ -107,6 +110,7 @@ class InteractionRecipe:
     item_embeddings: ItemEmbeddingConfig = ItemEmbeddingConfig()
     item_id_feature: str = "none"
     item_id_column: int = 0
+    timestamp_unit: str = "s"
 
     def __post_init__(self):
         if self.negative_rating >= self.positive_rating:
@@ -284,10 +288,11 @@ def build_event_logs(data: Interactions, recipe: InteractionRecipe = Interaction
             raise SchemaError("heads", f"the recipe needs {name!r} among FeatureConfig.heads and "
                                        f"FeatureConfig.action_names")
     acts = _actions(data, recipe, feat)
+    seconds = to_seconds(np.asarray(data.timestamp), "timestamp", recipe.timestamp_unit)
     exposed = np.zeros(len(acts), bool) if data.exposed is None else np.asarray(data.exposed, bool)
-    order = np.lexsort((data.item_id, data.timestamp, data.user_id))
+    order = np.lexsort((data.item_id, seconds, data.user_id))
     user, item, time = (np.asarray(a, np.int64)[order] for a in (data.user_id, data.item_id,
-                                                                data.timestamp))
+                                                                seconds))
     acts, exposed = acts[order], exposed[order]
     explicit = acts.any(axis=1)
     if not explicit.any():
