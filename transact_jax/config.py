@@ -21,6 +21,7 @@ from typing import Dict, Tuple
 import numpy as np
 
 from pallas_kernels.int8_codec import QUANT_SCALE
+from transact_jax.config_json import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, ConfigError, check_fields
 
 DEFAULT_ACTIONS: Tuple[str, ...] = (
     "click", "repin", "closeup", "long_click", "share", "comment", "download", "hide")
@@ -57,20 +58,18 @@ class FeatureConfig:
     categorical_vocab_sizes: Tuple[int, ...] = (1000, 64, 32)
 
     def __post_init__(self):
+        check_fields(self, {"embedding_dim": AT_LEAST_ONE, "quant_scale": POSITIVE,
+                            "num_dense": NON_NEGATIVE, "categorical_vocab_sizes": AT_LEAST_ONE})
         if not 1 <= len(self.action_names) <= 32:
-            raise ValueError(f"action_names: need 1..32 action types, got {len(self.action_names)}")
+            raise ConfigError("action_names", f"need 1..32 action types, got {len(self.action_names)}")
         for field in ("positive_actions", "negative_actions"):
             unknown = set(getattr(self, field)) - set(self.action_names)
             if unknown:
-                raise ValueError(f"{field}: unknown action types {sorted(unknown)}")
+                raise ConfigError(field, f"unknown action types {sorted(unknown)}")
         if set(self.positive_actions) & set(self.negative_actions):
-            raise ValueError("positive_actions and negative_actions overlap")
+            raise ConfigError("negative_actions", "overlaps positive_actions")
         if not 1 <= len(self.surface_names) <= 32767:
-            raise ValueError(f"surface_names: need 1..32767 surfaces, got {len(self.surface_names)}")
-        if self.embedding_dim <= 0 or self.quant_scale <= 0:
-            raise ValueError("embedding_dim and quant_scale must be positive")
-        if any(v <= 0 for v in self.categorical_vocab_sizes):
-            raise ValueError("categorical_vocab_sizes must be positive")
+            raise ConfigError("surface_names", f"need 1..32767 surfaces, got {len(self.surface_names)}")
 
     @property
     def num_actions(self) -> int:
@@ -150,18 +149,14 @@ class SelectionConfig:
     ll_selection: str = "nn"
 
     def __post_init__(self):
+        check_fields(self, {f.name: NON_NEGATIVE for f in dataclasses.fields(self)
+                            if f.name != "ll_selection"})
         if self.ll_selection not in LL_SELECTIONS:
-            raise ValueError(f"ll_selection: expected one of {LL_SELECTIONS}, got {self.ll_selection!r}")
-        for f in dataclasses.fields(self):
-            if f.name == "ll_selection":
-                continue
-            value = getattr(self, f.name)
-            if not isinstance(value, (int, np.integer)) or value < 0:
-                raise ValueError(f"{f.name}: must be a non-negative int, got {value!r}")
+            raise ConfigError("ll_selection", f"expected one of {LL_SELECTIONS}, got {self.ll_selection!r}")
         if self.s_all_len == 0:
-            raise ValueError("S_all would be empty: k_ll + r + k_rt + k_imp must be > 0")
+            raise ConfigError("", "S_all would be empty: k_ll + r + k_rt + k_imp must be > 0")
         if self.r > self.max_rt_len:
-            raise ValueError(f"r={self.r} exceeds max_rt_len={self.max_rt_len}")
+            raise ConfigError("r", f"{self.r} exceeds max_rt_len={self.max_rt_len}")
 
     @property
     def s_all_len(self) -> int:

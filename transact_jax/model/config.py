@@ -18,6 +18,7 @@ import dataclasses
 from typing import Tuple
 
 from pallas_kernels._common import IMPLS
+from transact_jax.config_json import AT_LEAST_ONE, NON_NEGATIVE, Bound, ConfigError, check_fields
 
 ALL_SEGMENTS = ("ll", "rt_recent", "rt_nn", "imp")
 TOKEN_FEATURES = ("similarity", "age")
@@ -69,27 +70,29 @@ class ModelConfig:
     token_features: Tuple[str, ...] = ()
 
     def __post_init__(self):
-        from transact_jax.model.sequence import sequence_model_entry  # the registry imports this module
-        sequence_model_entry(self.sequence_model)
+        check_fields(self, {**{name: AT_LEAST_ONE for name in (
+            "d_model", "num_layers", "num_heads", "ff_dim", "seq_out_dim", "cat_embed_dim", "mlp_dims")},
+            "num_cross_layers": NON_NEGATIVE, "dropout": Bound(0, 1, high_open=True)})
+        from transact_jax.model.sequence import names  # the registry imports this module
+        if self.sequence_model not in names():
+            raise ConfigError("sequence_model", f"expected one of {names()}, got {self.sequence_model!r}")
         if self.encoder_impl not in IMPLS:
-            raise ValueError(f"encoder_impl: expected one of {IMPLS}, got {self.encoder_impl!r}")
+            raise ConfigError("encoder_impl", f"expected one of {IMPLS}, got {self.encoder_impl!r}")
         if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype: expected 'float32' or 'bfloat16', got {self.dtype!r}")
+            raise ConfigError("dtype", f"expected 'float32' or 'bfloat16', got {self.dtype!r}")
         unknown = set(self.segments) - set(ALL_SEGMENTS)
         if unknown:
-            raise ValueError(f"segments: unknown segments {sorted(unknown)}")
+            raise ConfigError("segments", f"unknown segments {sorted(unknown)}")
         if list(self.segments) != [s for s in ALL_SEGMENTS if s in self.segments]:
-            raise ValueError(f"segments: must follow S_all order {ALL_SEGMENTS}")
+            raise ConfigError("segments", f"must follow S_all order {ALL_SEGMENTS}")
         if self.sequence_model != "none" and not self.segments:
-            raise ValueError("segments: a sequence model needs at least one segment")
+            raise ConfigError("segments", "a sequence model needs at least one segment")
         if self.d_model % self.num_heads:
-            raise ValueError(f"num_heads: {self.num_heads} does not divide d_model={self.d_model}")
+            raise ConfigError("num_heads", f"{self.num_heads} does not divide d_model={self.d_model}")
         bad = [f for f in self.token_features if f not in TOKEN_FEATURES]
         if bad or len(set(self.token_features)) != len(self.token_features):
-            raise ValueError(f"token_features: expected distinct names from {TOKEN_FEATURES}, got "
-                             f"{self.token_features!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+            raise ConfigError("token_features", f"expected distinct names from {TOKEN_FEATURES}, got "
+                                                f"{self.token_features!r}")
 
     @property
     def uses_sequence(self) -> bool:

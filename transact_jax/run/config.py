@@ -12,14 +12,34 @@ import dataclasses
 from typing import Any, Dict, Tuple
 
 from transact_jax.config import FeatureConfig, SelectionConfig
-from transact_jax.config_json import config_from_dict, config_from_json, config_to_dict, config_to_json
+from transact_jax.config_json import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    Bound,
+    ConfigError,
+    check_fields,
+    config_from_dict,
+    config_from_json,
+    config_to_dict,
+    config_to_json,
+)
 from transact_jax.model.config import ModelConfig
 from transact_jax.model.sequence import sequence_model_entry
 
 NAL_NEGATIVES = ("none", "impression", "in_batch")
 NAL_WITHOUT_IMPRESSIONS = ("warn", "in_batch", "error")
+NAL_KINDS = ("sampled_softmax", "bce")
 LEGACY_VALUES = {"model.encoder_impl": {"skut": "pallas_triton"}}
 """Values renamed since configs were first stored (read from old checkpoints and JSON files)."""
+TRAIN_BOUNDS = {
+    **{name: AT_LEAST_ONE for name in ("batch_size", "steps", "log_every", "num_in_batch_negatives",
+                                        "keep_checkpoints")},
+    **{name: NON_NEGATIVE for name in ("warmup_steps", "weight_decay", "head_loss_weights", "w_nal",
+                                        "seed", "eval_every", "checkpoint_every",
+                                        "early_stopping_patience", "prefetch", "loader_threads")},
+    "learning_rate": POSITIVE, "clip_norm": POSITIVE, "end_lr_fraction": Bound(0, 1)}
+"""The range of each numeric TrainConfig field (every float field must also be finite)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +76,9 @@ class TrainConfig:
       keep_checkpoints: how many checkpoints orbax keeps.
       prefetch: batches the input pipeline reads ahead.
       loader_threads: threads that read batches from the feature log.
+
+    Every field is checked on construction (:func:`~transact_jax.config_json.check_fields`): its
+    type, finite floats, and the ranges of :data:`TRAIN_BOUNDS`.
     """
 
     batch_size: int = 512
@@ -83,22 +106,13 @@ class TrainConfig:
     loader_threads: int = 2
 
     def __post_init__(self):
-        for name in ("batch_size", "steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.nal_negatives not in NAL_NEGATIVES:
-            raise ValueError(f"nal_negatives: expected one of {NAL_NEGATIVES}, got {self.nal_negatives!r}")
-        if self.early_stopping_patience < 0:
-            raise ValueError(f"early_stopping_patience: must be >= 0, got {self.early_stopping_patience}")
+        check_fields(self, TRAIN_BOUNDS)
+        for name, allowed in (("nal_negatives", NAL_NEGATIVES), ("nal_kind", NAL_KINDS),
+                              ("nal_without_impressions", NAL_WITHOUT_IMPRESSIONS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(name, f"expected one of {allowed}, got {getattr(self, name)!r}")
         if self.early_stopping_metric and not self.eval_every:
-            raise ValueError("early_stopping_metric: needs eval_every > 0 (evaluations to compare)")
-        if self.nal_without_impressions not in NAL_WITHOUT_IMPRESSIONS:
-            raise ValueError(f"nal_without_impressions: expected one of {NAL_WITHOUT_IMPRESSIONS}, "
-                             f"got {self.nal_without_impressions!r}")
-        if self.nal_kind not in ("sampled_softmax", "bce"):
-            raise ValueError(f"nal_kind: expected 'sampled_softmax' or 'bce', got {self.nal_kind!r}")
-        if self.learning_rate <= 0 or self.w_nal < 0 or self.clip_norm <= 0:
-            raise ValueError("learning_rate and clip_norm must be > 0, w_nal >= 0")
+            raise ConfigError("early_stopping_metric", "needs eval_every > 0 (evaluations to compare)")
 
     @property
     def uses_nal(self) -> bool:
@@ -116,14 +130,15 @@ class ExperimentConfig:
     train: TrainConfig = TrainConfig()
 
     def __post_init__(self):
+        check_fields(self)
         h = self.feature.num_heads
         for name in ("head_loss_weights", "ranking_weights"):
             if len(getattr(self.train, name)) != h:
-                raise ValueError(f"train.{name}: need {h} weights for heads {self.feature.heads}")
+                raise ConfigError(f"train.{name}", f"need {h} weights for heads {self.feature.heads}")
         if self.train.uses_nal and (not sequence_model_entry(self.model.sequence_model).next_action_loss
                                     or "rt_recent" not in self.model.segments):
-            raise ValueError("train.nal_negatives: the Next Action Loss needs a sequence model that "
-                             "produces P u(t) (e.g. 'transact') reading the 'rt_recent' segment")
+            raise ConfigError("train.nal_negatives", "the Next Action Loss needs a sequence model that "
+                              "produces P u(t) (e.g. 'transact') reading the 'rt_recent' segment")
 
     def to_dict(self) -> Dict[str, Any]:
         return config_to_dict(self)

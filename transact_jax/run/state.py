@@ -52,3 +52,16 @@ def init_state(cfg: ExperimentConfig) -> Tuple[ModelDef, TrainState, optax.Gradi
     opt = make_optimizer(cfg.train)
     key = jax.random.key_data(jax.random.key(cfg.train.seed + 1))
     return mdef, TrainState(params, opt.init(params), jnp.zeros((), jnp.int32), key), opt
+
+
+@jax.jit
+def _finite_flags(tree) -> jax.Array:
+    flags = [jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)
+             if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(flags).all() if flags else jnp.asarray(True)
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every floating-point value of ``tree`` (e.g. a TrainState) is finite (one jitted
+    reduction on device, one scalar copied back)."""
+    return bool(jax.device_get(_finite_flags(tree)))

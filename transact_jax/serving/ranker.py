@@ -190,8 +190,9 @@ class Ranker:
         """Load the parameters and experiment config of a training run.
 
         ``path`` is a training ``workdir`` (holding ``checkpoints/``) or the checkpoint directory
-        itself; ``step`` defaults to the latest checkpoint. The config stored with the checkpoint
-        is used (the encoder implementation is then chosen by ``encoder_impl``).
+        itself; ``step`` defaults to the newest intact checkpoint (a corrupt newer one is skipped
+        with a warning, :func:`~transact_jax.run.checkpoint.load_run`). The config stored with the
+        checkpoint is used (the encoder implementation is then chosen by ``encoder_impl``).
         """
         run = load_run(path, step=step)
         return cls(run.config, run.params, config, device=device, **options)

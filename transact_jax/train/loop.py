@@ -9,14 +9,26 @@ periodic and final orbax checkpoints (``checkpoints/``) and resume from the late
 "grad_norm", "examples_per_second"}`` (plus ``"loss_nal", "nal_accuracy", "nal_pairs"`` when the Next
 Action Loss is on) every ``log_every`` steps and at the last step, and ``{"type": "eval", "step", ...}``
 with the keys of :func:`evaluate` (``hit@K/<head>``, ``auc/<head>``, ``ne/<head>``, ``num_users``,
-``num_chunks``, ``num_examples``). A resumed run appends to the file, a run from step 0 rewrites it.
+``num_chunks``, ``num_examples``). A run from step 0 rewrites the file; a resumed run keeps the
+records up to the step it resumes from (a killed run may have logged steps after its last
+checkpoint: they run again and are logged once) and appends, so every step appears once.
+
+Non-finite values: the train step returns an on-device flag (loss and gradient norm finite); the
+loop keeps the flags of the steps since its last check and reads them at every logged step, before
+every evaluation and before every checkpoint. A NaN or an infinity therefore stops the run with a
+FloatingPointError naming the first bad step at most ``log_every - 1`` steps after it happened
+(sooner if an evaluation or a checkpoint comes first), without a host sync on the other steps, and
+is never written into a checkpoint (:meth:`Checkpointer.save` also refuses non-finite parameters).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import sys
 import time
+import warnings
 from typing import Any, Callable, Dict, Optional
 
 import jax
@@ -29,7 +41,7 @@ from transact_jax.data.source import ExampleSource
 from transact_jax.eval.metrics import MetricAccumulator
 from transact_jax.model.inputs import ModelInputs
 from transact_jax.model.builder import ModelDef
-from transact_jax.run.checkpoint import Checkpointer
+from transact_jax.run.checkpoint import Checkpointer, CheckpointWarning
 from transact_jax.run.config import ExperimentConfig
 from transact_jax.run.state import TrainState, init_state
 from transact_jax.train.early_stopping import EarlyStopping
@@ -57,6 +69,59 @@ class _StopTraining(Exception):
     pass
 
 
+class _FiniteGuard:
+    """The on-device finite flags of the steps since the last check (module docstring)."""
+
+    def __init__(self):
+        self.pending = []   # (step, device metrics of that step)
+
+    def add(self, step: int, metrics: Dict[str, jax.Array]) -> None:
+        self.pending.append((step, metrics))
+
+    def check(self, ckpt: Optional[Checkpointer]) -> None:
+        """FloatingPointError naming the first pending step whose loss or gradient is not finite."""
+        flags = jax.device_get([m["finite"] for _, m in self.pending])
+        bad = next((i for i, ok in enumerate(flags) if not ok), None)
+        if bad is None:
+            self.pending.clear()
+            return
+        step, m = self.pending[bad]
+        loss, grad_norm = (float(v) for v in jax.device_get((m["loss"], m["grad_norm"])))
+        what = (f"non-finite loss ({loss})" if not math.isfinite(loss)
+                else f"non-finite gradient (grad_norm {grad_norm})")
+        latest = ckpt.latest_step() if ckpt is not None else None
+        where = ("no checkpoint directory (workdir=None)" if ckpt is None else
+                 f"no checkpoint written in {ckpt.directory}" if latest is None else
+                 f"last finite checkpoint is step {latest}")
+        raise FloatingPointError(f"step {step}: {what}; {where}")
+
+
+def _source_name(source: ExampleSource) -> str:
+    """A feature log's path, otherwise the source's repr."""
+    return str(getattr(source, "path", None) or repr(source))
+
+
+def _open_metrics(path: str, start: int):
+    """``metrics.jsonl`` for a run starting at ``start`` (module docstring); returns the file, open
+    for appending, and the steps of the evaluation records it keeps."""
+    kept, eval_steps = [], set()
+    if start and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:   # a line cut short by a killed run
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= start:
+                    kept.append(line.rstrip("\n") + "\n")
+                    if record.get("type") == "eval":
+                        eval_steps.add(record["step"])
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    return open(path, "a"), eval_steps
+
+
 def _local_batch_size(global_batch: int) -> int:
     n_dev = jax.device_count()
     if global_batch % n_dev:
@@ -81,7 +146,15 @@ def train(cfg: ExperimentConfig, train_log: ExampleSource, *, workdir: Optional[
       stop_after: stop (as if killed) once this step is reached, without a final checkpoint; for
         tests of crash recovery.
       on_step: called with (step, metrics) after every logged step.
+
+    A non-finite loss or gradient raises FloatingPointError naming the step, at most
+    ``train.log_every - 1`` steps after it (module docstring); no checkpoint of it is written.
+    Resuming skips a corrupt latest checkpoint for the newest intact one, with a warning, and renames
+    the corrupt one (:mod:`transact_jax.run.checkpoint`).
     """
+    for name, log in (("train_log", train_log), ("eval_log", eval_log)):
+        if log is not None and len(log) == 0:
+            raise ValueError(f"{name}: {_source_name(log)} has no examples")
     if train_log.feat != cfg.feature or train_log.sel != cfg.selection:
         raise ValueError("train_log: written with other feature/selection configs than cfg")
     cfg = resolve_nal_negatives(cfg, train_log)
@@ -110,6 +183,10 @@ def train(cfg: ExperimentConfig, train_log: ExampleSource, *, workdir: Optional[
         if resume:
             try:
                 loaded = ckpt.load(expect=cfg)
+                for step in loaded.skipped:   # this run writes those steps again
+                    moved = ckpt.set_aside(step)
+                    warnings.warn(f"resuming from checkpoint step {loaded.step}; the corrupt "
+                                  f"checkpoint step {step} was moved to {moved}", CheckpointWarning)
             except Exception:
                 ckpt.close()
                 raise
@@ -120,25 +197,37 @@ def train(cfg: ExperimentConfig, train_log: ExampleSource, *, workdir: Optional[
     state = replicate(state, mesh)
     step_fn = make_train_step(mdef, cfg, opt, mesh)
     start = int(jax.device_get(state.step))
-    metrics_file = None
+    metrics_file, logged_evals = None, set()
     if workdir and jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(cfg.to_json())
-        # a resumed run appends; a run from step 0 starts a new file
-        metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a" if start else "w")
+        metrics_file, logged_evals = _open_metrics(os.path.join(workdir, "metrics.jsonl"), start)
 
     bar = tqdm(total=tc.steps, initial=start, disable=not progress, desc=cfg.name, unit="step")
     last: Dict[str, float] = {}
     eval_metrics, eval_step, done = None, None, start
     t_log, n_log, t_all, n_all = time.perf_counter(), 0, 0.0, 0
     first_logged = False
+    guard = _FiniteGuard()
 
     def run_eval(at: int) -> bool:
         nonlocal eval_metrics, eval_step
+        guard.check(ckpt)
+        t0 = time.perf_counter()
+        if progress:
+            tqdm.write(f"step {at}: evaluating on {len(eval_log)} examples...", file=sys.stderr)
         eval_metrics, eval_step = evaluate(cfg, mdef, state.params, eval_log), at
-        _write(metrics_file, {"type": "eval", "step": at, **eval_metrics})
+        if progress:
+            tqdm.write(f"step {at}: evaluation done in {time.perf_counter() - t0:.1f} s",
+                       file=sys.stderr)
+        if at not in logged_evals:   # (a finished run resumed: its final evaluation is logged)
+            _write(metrics_file, {"type": "eval", "step": at, **eval_metrics})
         return stopper is not None and stopper.update(at, eval_metrics, state.params)
+
+    def save_checkpoint(force: bool = False) -> None:
+        guard.check(ckpt)
+        ckpt.save(state, it.get_state(), cfg, force=force)
 
     try:
         for step in range(start, tc.steps):
@@ -146,8 +235,10 @@ def train(cfg: ExperimentConfig, train_log: ExampleSource, *, workdir: Optional[
             state, m = step_fn(state, inputs, targets)
             n_log += tc.batch_size
             done = step + 1
+            guard.add(done, m)
             if done % tc.log_every == 0 or done == tc.steps:
-                last = {k: float(v) for k, v in jax.device_get(m).items()}
+                guard.check(ckpt)
+                last = {k: float(v) for k, v in jax.device_get(m).items() if k != "finite"}
                 now = time.perf_counter()
                 last.update(step=done, examples_per_second=n_log / (now - t_log))
                 if first_logged:  # the first interval holds compilation: keep it out of the rate
@@ -158,18 +249,20 @@ def train(cfg: ExperimentConfig, train_log: ExampleSource, *, workdir: Optional[
                 _write(metrics_file, {"type": "train", **last})
                 if on_step:
                     on_step(done, last)
+                if ckpt is not None:
+                    ckpt.seal(block=False)   # checksum a finished checkpoint as soon as possible
             bar.update(1)
             stop = False
             if eval_log is not None and tc.eval_every and done % tc.eval_every == 0 and done < tc.steps:
                 stop = run_eval(done)
             if ckpt is not None and tc.checkpoint_every and done % tc.checkpoint_every == 0:
-                ckpt.save(state, it.get_state(), cfg)
+                save_checkpoint()
             if stop_after is not None and done >= stop_after:
                 raise _StopTraining
             if stop:   # early stopping: patience used up
                 break
         if ckpt is not None:
-            ckpt.save(state, it.get_state(), cfg, force=True)
+            save_checkpoint(force=True)
         if eval_log is not None and eval_step != done:
             run_eval(done)
     except _StopTraining:

@@ -28,7 +28,11 @@ from transact_jax.train.objective import Targets, objective
 
 def make_train_step(mdef: ModelDef, cfg: ExperimentConfig, opt: optax.GradientTransformation,
                     mesh: Optional[Mesh] = None) -> Callable:
-    """``step(state, inputs, targets) -> (state, metrics)``, jitted, state donated."""
+    """``step(state, inputs, targets) -> (state, metrics)``, jitted, state donated.
+
+    ``metrics`` holds the loss and its parts, ``grad_norm`` and ``finite``, a bool scalar: the loss
+    and the gradient norm of this step are finite (computed on device; the training loop reads it
+    only at its checks, so it costs no host sync)."""
 
     def loss_fn(params, inputs, targets, key):
         dkey, nkey = jax.random.split(key)
@@ -42,6 +46,7 @@ def make_train_step(mdef: ModelDef, cfg: ExperimentConfig, opt: optax.GradientTr
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
         return TrainState(params, opt_state, state.step + 1, state.key), metrics
 
     if mesh is None:
