@@ -1,7 +1,7 @@
 """Quickstart: synthetic lifelong-sequence data -> logged NN features -> train TransAct V2 -> HIT@3.
 
-Runs from a checkout (installed or not) on a 2-core CPU in about a minute (measured 56-65 s with
-the two cores shared with other jobs, load average 2-3)::
+Runs from a checkout (installed or not) on a 2-core CPU in about a minute (measured 57 s and 56 s,
+two runs in a row on the quiet 2-core CPU machine, jax 0.10.2; each run starts fresh)::
 
     python examples/quickstart.py                          # in a fresh temporary directory
     python examples/quickstart.py --workdir runs/quickstart   # keeps the data and checkpoints

@@ -3,8 +3,8 @@
     python examples/serve.py                          # trains a tiny model first
     python examples/serve.py --checkpoint runs/v2     # a training workdir (or its checkpoints/ dir)
 
-Without ``--checkpoint`` it takes about 50 s on a 2-core CPU (measured 49 s with the two cores shared
-with other jobs, load average 3), most of it training and compiling.
+Without ``--checkpoint`` it takes about 30 s on a 2-core CPU (measured 31 s on the quiet 2-core CPU
+machine, jax 0.10.2), most of it training and compiling.
 
 1. Without ``--checkpoint``: logs NN features for a few hundred synthetic users and trains
    TransAct V2 for a few dozen steps into ``--workdir``, afresh on every run (like
