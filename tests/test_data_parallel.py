@@ -1,7 +1,9 @@
-"""Data-parallel training: 4 CPU devices give the same parameters as 1 device.
+"""Data-parallel training: 4 CPU devices give the same parameters as 1 device, and the multi-process
+launch (``initialize_distributed``, one process per device, each reading its own shard of the data)
+trains one model across 2 processes.
 
-``XLA_FLAGS=--xla_force_host_platform_device_count=4`` must be set before jax is imported, so both
-runs happen in fresh subprocesses (started together; they run in parallel). Each trains the same
+``XLA_FLAGS=--xla_force_host_platform_device_count=4`` must be set before jax is imported, so every
+run happens in fresh subprocesses (started together; they run in parallel). Each trains the same
 tiny config on the same feature log and saves its final parameters, the sharding it saw on the
 batches and on the state, and its predictions on the eval log.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -41,6 +44,11 @@ WORKER = textwrap.dedent('''
     from transact_jax.run.config import ExperimentConfig
 
     cfg_path, data, out = sys.argv[1:4]
+    if os.environ.get("TJ_NUM_PROCESSES"):   # the multi-process launch: one process per device
+        from transact_jax.train.step import initialize_distributed
+        initialize_distributed(coordinator_address=os.environ["TJ_COORDINATOR"],
+                               num_processes=int(os.environ["TJ_NUM_PROCESSES"]),
+                               process_id=int(os.environ["TJ_PROCESS_ID"]))
     cfg = ExperimentConfig.from_json(cfg_path)
     batches = []
     real_shard_batch = loop.shard_batch
@@ -69,41 +77,57 @@ WORKER = textwrap.dedent('''
     np.savez(os.path.join(out, "params.npz"), **params)
     np.save(os.path.join(out, "probs.npy"), probs)
     with open(os.path.join(out, "info.json"), "w") as f:
-        json.dump({"device_count": jax.device_count(), "train_batches": batches[:n_train_batches],
+        json.dump({"device_count": jax.device_count(), "process_count": jax.process_count(),
+                   "local_device_count": jax.local_device_count(),
+                   "train_batches": batches[:n_train_batches],
                    "state_sharding": sorted(state_devices), "metrics": res.metrics,
                    "step": int(res.state.step)}, f)
 ''')
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(base, data: str, name: str, n_dev: int, extra_env: dict) -> tuple:
+    out = base / name
+    out.mkdir()
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               JAX_PLATFORMS="cpu", **extra_env)
+    flags = [f for f in env.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    if n_dev > 1:
+        flags.append(f"--xla_force_host_platform_device_count={n_dev}")
+    env["XLA_FLAGS"] = " ".join(flags)
+    return out, subprocess.Popen(
+        [sys.executable, str(base / "worker.py"), str(base / "cfg.json"), data, str(out)],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """``{1: ..., 4: ...}`` single-process runs on 1 and 4 devices and ``"p0"``, ``"p1"``: the two
+    processes of a 2-process run (one device each); each (info, params, probs)."""
     base = tmp_path_factory.mktemp("dp")
     data = str(base / "data")
     write_synthetic_logs(data, CFG.feature, SEL, SyntheticConfig(num_items=3000, users_per_chunk=64),
                          48, 16)
     (base / "cfg.json").write_text(CFG.to_json())
     (base / "worker.py").write_text(WORKER)
-    procs = {}
-    for n_dev in (1, 4):
-        out = base / f"out{n_dev}"
-        out.mkdir()
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   JAX_PLATFORMS="cpu")
-        flags = [f for f in env.get("XLA_FLAGS", "").split()
-                 if not f.startswith("--xla_force_host_platform_device_count")]
-        if n_dev > 1:
-            flags.append(f"--xla_force_host_platform_device_count={n_dev}")
-        env["XLA_FLAGS"] = " ".join(flags)
-        procs[n_dev] = (out, subprocess.Popen(
-            [sys.executable, str(base / "worker.py"), str(base / "cfg.json"), data, str(out)],
-            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    procs = {n_dev: _launch(base, data, f"out{n_dev}", n_dev, {}) for n_dev in (1, 4)}
+    coordinator = f"localhost:{_free_port()}"
+    for pid in range(2):
+        procs[f"p{pid}"] = _launch(base, data, f"proc{pid}", 1, {
+            "TJ_COORDINATOR": coordinator, "TJ_NUM_PROCESSES": "2", "TJ_PROCESS_ID": str(pid)})
     results = {}
-    for n_dev, (out, proc) in procs.items():
+    for key, (out, proc) in procs.items():
         log, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"{n_dev}-device worker failed:\n{log[-5000:]}"
+        assert proc.returncode == 0, f"run {key} failed:\n{log[-5000:]}"
         with open(out / "info.json") as f:
             info = json.load(f)
-        results[n_dev] = (info, dict(np.load(out / "params.npz")), np.load(out / "probs.npy"))
+        results[key] = (info, dict(np.load(out / "params.npz")), np.load(out / "probs.npy"))
     return results
 
 
@@ -154,3 +178,24 @@ def test_same_metrics_and_predictions_as_one_device(runs):
     assert probs1.shape == probs4.shape and probs1.shape[1] == CFG.feature.num_heads
     np.testing.assert_allclose(probs4, probs1, rtol=1e-4, atol=1e-5)
     print(f"max |probs(4 devices) - probs(1 device)| = {np.abs(probs4 - probs1).max():.3g}")
+
+
+def test_two_processes_train_one_model(runs):
+    """The multi-process launch: 2 processes (one CPU device each, gloo collectives) see one
+    2-device mesh, each feeds its half of every global batch from its own shard of the log, and
+    both end with the same parameters (the gradients were all-reduced). The loss tracks the
+    single-process run's (the data order differs: each process shuffles its own shard)."""
+    (i0, p0, probs0), (i1, p1, probs1) = runs["p0"], runs["p1"]
+    for info in (i0, i1):
+        assert info["process_count"] == 2 and info["device_count"] == 2
+        assert info["local_device_count"] == 1 and info["step"] == CFG.train.steps
+        for b in info["train_batches"]:    # a global batch, this process holding half of it
+            assert b["shape"][0] == CFG.train.batch_size and b["devices"] == 2
+            assert b["shard_rows"] == [CFG.train.batch_size // 2]
+    assert p0.keys() == p1.keys()
+    for k in p0:
+        np.testing.assert_array_equal(p0[k], p1[k], err_msg=k)
+    np.testing.assert_allclose(probs0, probs1, rtol=1e-6, atol=1e-7)
+    one, _, _ = runs[1]
+    assert np.isfinite(i0["metrics"]["loss"])
+    assert i0["metrics"]["loss"] == pytest.approx(one["metrics"]["loss"], rel=0.25)

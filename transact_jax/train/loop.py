@@ -47,7 +47,14 @@ from transact_jax.run.state import TrainState, init_state
 from transact_jax.train.early_stopping import EarlyStopping
 from transact_jax.train.nal_check import resolve_nal_negatives
 from transact_jax.train.objective import Targets
-from transact_jax.train.step import data_mesh, make_predict, make_train_step, replicate, shard_batch
+from transact_jax.train.step import (
+    data_mesh,
+    make_predict,
+    make_train_step,
+    replicate,
+    shard_batch,
+    to_local,
+)
 
 
 @dataclasses.dataclass
@@ -287,11 +294,12 @@ def _write(f, record: Dict[str, Any]) -> None:
 def predict_log(cfg: ExperimentConfig, mdef: ModelDef, params, log: ExampleSource,
                 batch_size: int = 4096):
     """Yield ``(probs (n, H), examples)`` over ``log`` in stored order (last batch padded on device,
-    trimmed on return)."""
-    mesh = data_mesh()
-    batch_size -= batch_size % jax.device_count()
+    trimmed on return). Runs on this process's devices: with several processes each one scores the
+    whole log by itself (the parameters are replicated, so every process gets the same result)."""
+    mesh = data_mesh(local=True)
+    batch_size = max(batch_size - batch_size % jax.local_device_count(), jax.local_device_count())
     predict = make_predict(mdef, mesh)
-    params = replicate(params, mesh)
+    params = replicate(to_local(params), mesh)
     for start in range(0, len(log), batch_size):
         ex = log.read(np.arange(start, min(start + batch_size, len(log))))
         n = len(ex)

@@ -67,14 +67,32 @@ def make_predict(mdef: ModelDef, mesh: Optional[Mesh] = None) -> Callable:
     return jax.jit(predict, in_shardings=(repl, data), out_shardings=data)
 
 
-def data_mesh() -> Mesh:
-    """A 1-D mesh over all devices (of all processes), axis ``"data"``."""
-    return Mesh(np.asarray(jax.devices()), ("data",))
+def data_mesh(local: bool = False) -> Mesh:
+    """A 1-D mesh, axis ``"data"``, over all devices of all processes (or, with ``local``, over
+    this process's devices only)."""
+    return Mesh(np.asarray(jax.local_devices() if local else jax.devices()), ("data",))
 
 
-def initialize_distributed(**kwargs) -> None:
-    """Multi-host setup: ``jax.distributed.initialize(**kwargs)`` (coordinator address, process
-    count and id, or auto-detected on managed clusters). Call before any other JAX call."""
+def to_local(tree):
+    """Replicated arrays that span several processes as arrays on this process's first device (each
+    process holds the full value); other leaves unchanged."""
+    def local(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            return a.addressable_data(0)
+        return a
+    return jax.tree_util.tree_map(local, tree)
+
+
+def initialize_distributed(*, cpu_collectives: str = "gloo", **kwargs) -> None:
+    """Multi-process setup: ``jax.distributed.initialize(**kwargs)`` (``coordinator_address``,
+    ``num_processes``, ``process_id``, or auto-detected on managed clusters). Call before any other
+    JAX call, in every process.
+
+    One process per GPU (on one host or several) is the GPU layout. ``cpu_collectives`` picks the
+    cross-process collectives of the CPU backend ("gloo"; "none" leaves jax's default), so the same
+    launch also runs as several CPU processes on one machine (how the tests check it)."""
+    if cpu_collectives != "none":
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     jax.distributed.initialize(**kwargs)
 
 
