@@ -339,3 +339,19 @@ def test_killed_run_logs_each_step_once(source, tmp_path):
     loop.train(CFG, source, workdir=workdir, progress=False)
     steps = [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
     assert steps == list(range(1, STEPS + 1))
+
+
+def test_resume_on_a_rewritten_log_is_refused(source, tmp_path):
+    """A checkpoint records the identity of the feature log it trained on: resuming after the log
+    was rewritten at the same path (other examples) is a named error, not a silent mix."""
+    from transact_jax.data.feature_log import FeatureLog, write_feature_log
+    path = str(tmp_path / "log")
+    write_feature_log(path, source.read(np.arange(len(source))), FEAT, SEL)
+    workdir = str(tmp_path / "run")
+    short = dataclasses.replace(CFG, train=dataclasses.replace(CFG.train, steps=CKPT_EVERY))
+    loop.train(short, FeatureLog(path), workdir=workdir, progress=False)
+    loop.train(dataclasses.replace(short, train=dataclasses.replace(short.train, steps=CKPT_EVERY + 1)),
+               FeatureLog(path), workdir=workdir, progress=False)       # same log: resumes
+    write_feature_log(path, source.read(np.arange(len(source))[::-1]), FEAT, SEL, overwrite=True)
+    with pytest.raises(ValueError, match="is not the log checkpoint step 6 was trained on"):
+        loop.train(CFG, FeatureLog(path), workdir=workdir, progress=False)

@@ -198,7 +198,7 @@ def train(cfg: ExperimentConfig, train_log: ExampleSource, *, workdir: Optional[
                 ckpt.close()
                 raise
             state = loaded.state
-            it.set_state(loaded.data_state)
+            it.set_state(_checked_data_state(loaded.data_state, train_log, loaded.step))
         else:  # start over: the old run's checkpoints would shadow this run's (same step numbers)
             ckpt.clear()
     state = replicate(state, mesh)
@@ -234,7 +234,8 @@ def train(cfg: ExperimentConfig, train_log: ExampleSource, *, workdir: Optional[
 
     def save_checkpoint(force: bool = False) -> None:
         guard.check(ckpt)
-        ckpt.save(state, it.get_state(), cfg, force=force)
+        ckpt.save(state, {**it.get_state(), TRAINING_DATA_KEY: getattr(train_log, "log_id", None)},
+                  cfg, force=force)
 
     try:
         for step in range(start, tc.steps):
@@ -283,6 +284,25 @@ def train(cfg: ExperimentConfig, train_log: ExampleSource, *, workdir: Optional[
     eps = n_all / t_all if t_all else 0.0
     best = (stopper.best_step, stopper.best_params, stopper.best_metrics) if stopper else (None,) * 3
     return TrainResult(state, mdef, last, eval_metrics, eps, cfg, *best)
+
+
+TRAINING_DATA_KEY = "training_data_log_id"
+"""Key of the training log's identity (``FeatureLog.log_id``) in a checkpoint's input position."""
+
+
+def _checked_data_state(data_state: Dict[str, Any], train_log: ExampleSource, step: int) -> Dict[str, Any]:
+    """The checkpoint's input position, after checking that ``train_log`` is the log it was saved
+    on: a log regenerated at the same path has another identity, and resuming an input position
+    in it would silently read other examples."""
+    data_state = dict(data_state)
+    saved = data_state.pop(TRAINING_DATA_KEY, None)
+    current = getattr(train_log, "log_id", None)
+    if saved and current and saved != current:
+        raise ValueError(f"train_log: {getattr(train_log, 'path', train_log)!r} is not the log "
+                         f"checkpoint step {step} was trained on (log_id {current}, checkpoint "
+                         f"{saved}): it was rewritten since; train in a new workdir or with "
+                         f"resume=False")
+    return data_state
 
 
 def _write(f, record: Dict[str, Any]) -> None:

@@ -283,8 +283,10 @@ class FeatureLog:
         return (FeatureLog, (self.path, self.feat, self.sel, verify, self.max_open_shards))
 
     def __repr__(self) -> str:
-        return (f"FeatureLog({self.path!r}, examples={self._len}, shards={self.num_shards}, "
-                f"bytes_per_example={self.bytes_per_example():.0f})")
+        # the identity is part of it: grain matches the data source of a saved iterator state by
+        # repr, so resuming on a log regenerated at the same path is refused, not silently mixed
+        return (f"FeatureLog({self.path!r}, log_id={self.log_id}, examples={self._len}, "
+                f"shards={self.num_shards}, bytes_per_example={self.bytes_per_example():.0f})")
 
 
 def _missing_manifest(path: str) -> str:
