@@ -223,7 +223,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--users", type=int, default=6000, help="synthetic users in the training log")
     ap.add_argument("--data", help="existing data dir with train/ (else generated)")
     ap.add_argument("--serving", action="store_true", help="also one serving engine per GPU")
-    ap.add_argument("--serving-args", default="--configs all --duration 1",
+    ap.add_argument("--serving-args", default="--configs all --duration 1 --skip "
+                    "device_only,phases,timeline,overload,cost_growth,grid --max-total-s 240",
                     help="arguments of each bench/serving.py run")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per worker")
     ap.add_argument("--results", default=os.path.join(HERE, "results"))
