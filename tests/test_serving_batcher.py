@@ -111,7 +111,8 @@ def test_full_batches_go_at_once_and_respect_the_limits():
     assert not lone.done()
     b.close()                                     # closing flushes it
     assert (lone.result(0) == 8).all()
-    assert fake.batches[:4] == [[0, 1], [2, 3], [4, 5], [6, 7]]      # 2 x 4 = 8 candidates each
+    # 2 x 4 = 8 candidates each (formed in FIFO order; workers may call dispatch in any order)
+    assert sorted(fake.batches[:4]) == [[0, 1], [2, 3], [4, 5], [6, 7]]
     b2 = DynamicBatcher(FakeRanker(), max_batch_candidates=100, max_batch_requests=3, max_wait_s=5.0)
     fs = [b2.submit(one_request(i, cands=1)) for i in range(6)]
     [f.result(4) for f in fs]
@@ -173,13 +174,13 @@ def test_close_drains_or_fails_pending_requests_and_joins():
             f.result(0)
     with pytest.raises(BatcherClosed):
         b.submit(one_request(3))
-    assert not b._dispatcher.is_alive() and not b._completer.is_alive()
+    assert not b.running()
 
     b = DynamicBatcher(FakeRanker(), max_batch_candidates=4, max_wait_s=10.0)
     with b:
         fs = [b.submit(one_request(i, cands=1)) for i in range(3)]   # would wait 10 s for more
     assert all(f.done() for f in fs) and [int(f.result()[0, 0]) for f in fs] == [0, 1, 2]
-    assert b.closed and not b._dispatcher.is_alive()
+    assert b.closed and not b.running()
 
 
 def test_many_client_threads():
@@ -238,6 +239,8 @@ def test_config_validation():
                       (dict(max_wait_s=-1), "max_wait_s"),
                       (dict(max_queue_requests=0), "max_queue_requests"),
                       (dict(max_queue_candidates=4, max_batch_candidates=8), "max_queue_candidates"),
+                      (dict(max_queue_delay_s=0.0), "max_queue_delay_s"),
+                      (dict(max_queue_delay_s=-1.0), "max_queue_delay_s"),
                       (dict(pipeline_depth=0), "pipeline_depth")):
         with pytest.raises(ValueError, match=field):
             BatcherConfig(**kw)

@@ -19,7 +19,7 @@ from transact_jax.data.features import log_nn_features
 from transact_jax.model.config import ModelConfig
 from transact_jax.model.inputs import ModelInputs
 from transact_jax.run.presets import preset
-from transact_jax.serving import BucketConfig, Ladder, Ranker, RankerConfig, RequestError
+from transact_jax.serving import BatcherConfig, BucketConfig, Ladder, Ranker, RankerConfig, RequestError
 from transact_jax.run.checkpoint import Checkpointer
 from transact_jax.run.config import ExperimentConfig
 from transact_jax.model.builder import build_model
@@ -201,6 +201,10 @@ def test_ranker_config_validation_and_auto():
     assert RankerConfig().resolved("gpu").nn_impl == "pallas_triton"
     assert RankerConfig().resolved("gpu").encoder_impl == "pallas_triton"
     assert RankerConfig().resolved("cpu").nn_impl == "xla"
+    with pytest.raises(ValueError, match="staging_slots"):
+        RankerConfig(staging_slots=0)
+    # an arena per batch in flight: the default pool is as deep as the batcher's default pipeline
+    assert RankerConfig().staging_slots >= BatcherConfig().pipeline_depth >= 3
 
 
 def test_pinned_request_on_cpu_falls_back_to_pageable(model):

@@ -7,10 +7,16 @@ with its own error. Requests wait in a bounded FIFO queue; a dispatcher thread f
 * the queued requests reach ``max_batch_candidates`` candidates or ``max_batch_requests`` requests,
 * or the oldest queued request has waited ``max_wait_s`` ("dynamic batching"),
 
-takes the longest FIFO prefix that fits, and hands it to ``Ranker.dispatch`` (batch preparation,
-host-to-device copy, forward launch). A completer thread waits for each batch's result
-(device-to-host) and resolves the futures, so that up to ``pipeline_depth`` batches are in flight:
-the next batch is prepared and copied while the device still computes the previous one.
+takes the longest FIFO prefix that fits, and hands it to a worker thread. Each worker (a pool of
+``pipeline_depth`` threads) runs one batch from start to end: ``Ranker.dispatch`` (batch
+preparation, host-to-device copy, forward launch), then ``InFlight.finish`` (device-to-host copy),
+then resolves the batch's futures. Up to ``pipeline_depth`` batches are in flight at once, each
+prepared on its own thread: batch preparation is mostly numpy copies, which release the GIL, so
+several batches are collated in parallel while the device computes, and a batch waiting for its
+result blocks only its own worker. Batches are formed in FIFO order; they may complete out of
+order. The dispatcher forms the next batch only when a worker is free, so requests arriving while
+every worker is busy join a fuller batch. Keep the Ranker's ``staging_slots`` >= ``pipeline_depth``:
+each batch in flight holds one staging arena of its bucket, and a worker waits for a free one.
 
 Every accepted request's future resolves, whatever the ranker does: if ``dispatch`` or ``finish``
 raises, or the result does not match the batch (not one (n, H) array per request, with n its
@@ -25,10 +31,20 @@ rejected the same way.
 Back-pressure: when ``max_queue_requests`` requests (or ``max_queue_candidates`` candidates) are
 waiting, ``submit`` raises :class:`Overloaded` at once instead of queueing without bound.
 
+Admission control (``max_queue_delay_s``): ``submit`` also raises :class:`Overloaded` at once when
+the request's estimated queueing delay, (queued candidates + its candidates) / recent scoring
+throughput, exceeds ``max_queue_delay_s``. The throughput (candidates/s, :meth:`throughput`) is an
+exponentially weighted moving average over completed batches of their candidates and of the busy
+time each one accounts for: from the later of its formation and the previous completion to its own
+completion, so idle time is not counted and, under load, it is the rate at which the pipeline
+completes candidates. Before any batch has completed nothing is rejected by this rule. Under
+overload the excess is rejected at once and accepted requests keep a bounded queueing delay,
+instead of every request queueing into seconds of latency.
+
 Shutdown: :meth:`close` (also on leaving a ``with`` block) stops accepting requests (``submit``
 raises :class:`BatcherClosed`), then either scores everything still queued (``drain=True``) or fails
-it with :class:`BatcherClosed` (``drain=False``); batches already in flight always complete. Both
-threads are joined.
+it with :class:`BatcherClosed` (``drain=False``); batches already in flight always complete. The
+dispatcher and the workers are joined.
 
 Timing: every resolved future carries a :class:`RequestTiming` (``future.timing``): validation,
 queueing (submit to batch formation), the batch's phases (with ``BatcherConfig.timing=True`` the
@@ -38,10 +54,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Deque, Dict, List, Optional
 
 import numpy as np
@@ -49,9 +64,12 @@ import numpy as np
 from transact_jax.data.schema import RequestBatch
 from transact_jax.serving.validation import RequestError
 
+THROUGHPUT_EWMA_WEIGHT = 0.2   # weight of the newest completed batch in the throughput average
+
 
 class Overloaded(RuntimeError):
-    """The batcher's queue is full: the request was not accepted (retry later or add capacity)."""
+    """The batcher cannot take the request now (queue full, or its estimated queueing delay is
+    above ``max_queue_delay_s``): it was not accepted (retry later or add capacity)."""
 
 
 class BatchResultMismatch(RuntimeError):
@@ -74,7 +92,10 @@ class BatcherConfig:
       max_wait_s: longest time the oldest queued request waits for a fuller batch.
       max_queue_requests, max_queue_candidates: queue bounds; beyond them ``submit`` raises
         :class:`Overloaded` (None: no candidate bound).
-      pipeline_depth: batches in flight at once (keep <= the Ranker's ``staging_slots``).
+      max_queue_delay_s: admission control: ``submit`` raises :class:`Overloaded` when the
+        request's estimated queueing delay exceeds it (None: no such rule; module docstring).
+      pipeline_depth: batches in flight at once, each prepared on its own worker thread (keep
+        <= the Ranker's ``staging_slots``).
       timing: measure each phase of each batch (synchronizes between phases).
       validate: validate requests in ``submit`` (disable only for requests validated upstream).
     """
@@ -84,7 +105,8 @@ class BatcherConfig:
     max_wait_s: float = 0.002
     max_queue_requests: int = 1024
     max_queue_candidates: Optional[int] = None
-    pipeline_depth: int = 2
+    max_queue_delay_s: Optional[float] = None
+    pipeline_depth: int = 3
     timing: bool = False
     validate: bool = True
 
@@ -99,6 +121,8 @@ class BatcherConfig:
             raise ValueError(f"max_queue_requests: need >= 1, got {self.max_queue_requests}")
         if self.max_queue_candidates is not None and self.max_queue_candidates < self.max_batch_candidates:
             raise ValueError("max_queue_candidates: must be None or >= max_batch_candidates")
+        if self.max_queue_delay_s is not None and not self.max_queue_delay_s > 0:
+            raise ValueError(f"max_queue_delay_s: need None or > 0, got {self.max_queue_delay_s}")
         if self.pipeline_depth < 1:
             raise ValueError(f"pipeline_depth: need >= 1, got {self.pipeline_depth}")
 
@@ -158,20 +182,23 @@ class DynamicBatcher:
         self._queued_candidates = 0
         self._cond = threading.Condition()
         self._closed = False
-        self._slots = threading.Semaphore(self.config.pipeline_depth)
-        self._completions: "queue.Queue" = queue.Queue()
+        self._in_flight = 0                      # batches handed to a worker and not yet resolved
         self._stats = collections.Counter()
+        self._avg_candidates: Optional[float] = None   # throughput EWMA terms (module docstring)
+        self._avg_busy_s: Optional[float] = None
+        self._last_done: Optional[float] = None
+        self._worker_threads: List[threading.Thread] = []
+        self._workers = ThreadPoolExecutor(self.config.pipeline_depth, "batcher-worker",
+                                           initializer=self._register_worker)
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="batcher-dispatch",
                                             daemon=True)
-        self._completer = threading.Thread(target=self._complete_loop, name="batcher-complete",
-                                           daemon=True)
         self._dispatcher.start()
-        self._completer.start()
 
     # ------------------------------------------------------------------------------------ client
     def submit(self, request: RequestBatch) -> ScoreFuture:
         """Queue one request; returns its future. Raises :class:`Overloaded` when the queue is full
-        and :class:`BatcherClosed` after :meth:`close`. Bad requests get a failed future."""
+        or the request's estimated queueing delay is above ``max_queue_delay_s``, and
+        :class:`BatcherClosed` after :meth:`close`. Bad requests get a failed future."""
         t_submit = time.perf_counter()
         if self._closed:
             raise BatcherClosed("submit: the batcher is closed")
@@ -188,19 +215,13 @@ class DynamicBatcher:
             future.set_exception(error)
             return future
         item = _Item(request, future, request.num_candidates, t_submit, t_valid, t_valid - t_submit)
-        cfg = self.config
         with self._cond:
             if self._closed:
                 raise BatcherClosed("submit: the batcher is closed")
-            full = len(self._queue) >= cfg.max_queue_requests or (
-                cfg.max_queue_candidates is not None
-                and self._queued_candidates + item.n > cfg.max_queue_candidates)
-            if full:
+            refusal = self._refusal(item.n)
+            if refusal is not None:
                 self._stats["overloaded"] += 1
-                raise Overloaded(
-                    f"submit: queue full ({len(self._queue)} requests, {self._queued_candidates} "
-                    f"candidates waiting; max_queue_requests={cfg.max_queue_requests}, "
-                    f"max_queue_candidates={cfg.max_queue_candidates}): retry later or add capacity")
+                raise Overloaded(f"submit: {refusal}: retry later or add capacity")
             self._queue.append(item)
             self._queued_candidates += item.n
             self._stats["submitted"] += 1
@@ -208,7 +229,9 @@ class DynamicBatcher:
         return future
 
     def close(self, drain: bool = True, timeout: Optional[float] = None) -> None:
-        """Stop accepting requests; score (``drain``) or fail the queued ones; join the threads."""
+        """Stop accepting requests; score (``drain``) or fail the queued ones; wait for the batches
+        in flight and join the threads (``timeout``: seconds for all of it, None: no limit)."""
+        deadline = None if timeout is None else time.perf_counter() + max(timeout, 0.0)
         with self._cond:
             self._closed = True
             abandoned: List[_Item] = []
@@ -223,7 +246,12 @@ class DynamicBatcher:
                     "the batcher was closed before this request was scored"))
                 self._count("abandoned")
         self._dispatcher.join(timeout)
-        self._completer.join(None if timeout is None else max(timeout, 0.0))
+        with self._cond:
+            while self._in_flight and (deadline is None or deadline > time.perf_counter()):
+                self._cond.wait(None if deadline is None else deadline - time.perf_counter())
+            idle = not self._in_flight
+        if idle and not self._dispatcher.is_alive():
+            self._workers.shutdown(wait=True)
 
     def __enter__(self) -> "DynamicBatcher":
         return self
@@ -235,10 +263,26 @@ class DynamicBatcher:
     def closed(self) -> bool:
         return self._closed
 
+    def running(self) -> bool:
+        """Whether any of the batcher's threads (dispatcher, workers) is still alive; False once
+        :meth:`close` has returned within its timeout."""
+        return self._dispatcher.is_alive() or any(t.is_alive() for t in self._worker_threads)
+
     def queued(self) -> int:
         """Requests waiting in the queue."""
         with self._cond:
             return len(self._queue)
+
+    def in_flight(self) -> int:
+        """Batches handed to a worker and not resolved yet."""
+        with self._cond:
+            return self._in_flight
+
+    def throughput(self) -> Optional[float]:
+        """Recent scoring throughput in candidates/s (module docstring); None before any batch has
+        completed."""
+        with self._cond:
+            return self._throughput()
 
     def stats(self) -> Dict[str, int]:
         """Counters: submitted, overloaded, invalid, batches, completed, failed, abandoned,
@@ -246,10 +290,50 @@ class DynamicBatcher:
         with self._cond:
             return dict(self._stats)
 
+    # ----------------------------------------------------------------------------- admission
+    def _throughput(self) -> Optional[float]:
+        if self._avg_busy_s is None or self._avg_busy_s <= 0:
+            return None
+        return self._avg_candidates / self._avg_busy_s
+
+    def _refusal(self, n: int) -> Optional[str]:
+        """Why a request of ``n`` candidates cannot be queued now, or None (call under the lock)."""
+        cfg = self.config
+        if len(self._queue) >= cfg.max_queue_requests or (
+                cfg.max_queue_candidates is not None
+                and self._queued_candidates + n > cfg.max_queue_candidates):
+            return (f"queue full ({len(self._queue)} requests, {self._queued_candidates} candidates "
+                    f"waiting; max_queue_requests={cfg.max_queue_requests}, "
+                    f"max_queue_candidates={cfg.max_queue_candidates})")
+        rate = self._throughput()
+        if cfg.max_queue_delay_s is not None and rate is not None:
+            delay = (self._queued_candidates + n) / rate
+            if delay > cfg.max_queue_delay_s:
+                return (f"estimated queueing delay {delay * 1e3:.1f} ms ({self._queued_candidates} "
+                        f"candidates waiting + {n}, scoring {rate:.0f} candidates/s) exceeds "
+                        f"max_queue_delay_s={cfg.max_queue_delay_s}")
+        return None
+
+    def _record_throughput(self, candidates: int, t_taken: float) -> None:
+        """Fold a completed batch into the throughput average (call under the lock)."""
+        now = time.perf_counter()
+        busy = now - (t_taken if self._last_done is None else max(t_taken, self._last_done))
+        self._last_done = now
+        if self._avg_busy_s is None:
+            self._avg_candidates, self._avg_busy_s = float(candidates), busy
+            return
+        w = THROUGHPUT_EWMA_WEIGHT
+        self._avg_candidates += w * (candidates - self._avg_candidates)
+        self._avg_busy_s += w * (busy - self._avg_busy_s)
+
     # ----------------------------------------------------------------------------------- workers
     def _count(self, key: str, n: int = 1) -> None:
         with self._cond:
             self._stats[key] += n
+
+    def _register_worker(self) -> None:
+        with self._cond:
+            self._worker_threads.append(threading.current_thread())
 
     def _batch_is_full(self) -> bool:
         cfg = self.config
@@ -257,10 +341,13 @@ class DynamicBatcher:
             cfg.max_batch_requests is not None and len(self._queue) >= cfg.max_batch_requests)
 
     def _next_batch(self) -> Optional[List[_Item]]:
-        """The next batch (module docstring); None once closed with nothing left to do."""
+        """The next batch (module docstring), once a worker is free, counted in flight; None once
+        closed with nothing left to do."""
         cfg = self.config
         with self._cond:
             while True:
+                while self._in_flight >= cfg.pipeline_depth and not (self._closed and not self._queue):
+                    self._cond.wait()
                 while not self._queue:
                     if self._closed:
                         return None
@@ -286,6 +373,7 @@ class DynamicBatcher:
                         candidates += item.n
                 self._cond.notify_all()
                 if batch:
+                    self._in_flight += 1
                     return batch
 
     def _fail(self, items: List[_Item], error: BaseException) -> None:
@@ -297,35 +385,31 @@ class DynamicBatcher:
 
     def _dispatch_loop(self) -> None:
         while True:
-            self._slots.acquire()
             items = self._next_batch()
             if items is None:
-                self._slots.release()
-                break
+                return
             t_taken = time.perf_counter()
             try:
-                inflight = self.ranker.dispatch([it.request for it in items], timing=self.config.timing)
-            except BaseException as e:  # noqa: BLE001 - the batch's requests get the error
-                self._slots.release()
+                self._workers.submit(self._run_batch, items, t_taken)
+            except BaseException as e:  # noqa: BLE001 - e.g. no new threads at interpreter exit
                 self._fail(items, e)
-                continue
-            self._completions.put((inflight, items, t_taken))
-        self._completions.put(None)
+                self._batch_done()
 
-    def _complete_loop(self) -> None:
-        while True:
-            job = self._completions.get()
-            if job is None:
-                return
-            inflight, items, t_taken = job
-            try:
-                try:
-                    outs, report = inflight.finish()
-                finally:
-                    self._slots.release()
-                self._resolve(items, list(outs), report, t_taken)
-            except BaseException as e:  # noqa: BLE001 - every future of the batch must resolve
-                self._fail(items, e)
+    def _batch_done(self) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            self._cond.notify_all()
+
+    def _run_batch(self, items: List[_Item], t_taken: float) -> None:
+        """One batch on a worker thread: prepare, copy and launch, wait for the result, resolve."""
+        try:
+            inflight = self.ranker.dispatch([it.request for it in items], timing=self.config.timing)
+            outs, report = inflight.finish()
+            self._resolve(items, list(outs), report, t_taken)
+        except BaseException as e:  # noqa: BLE001 - every future of the batch must resolve
+            self._fail(items, e)
+        finally:
+            self._batch_done()
 
     def _resolve(self, items: List[_Item], outs: List, report, t_taken: float) -> None:
         """Set each request's result (with its timing) from one batch's ``outs``, after checking
@@ -347,9 +431,10 @@ class DynamicBatcher:
                 d2h=times.get("d2h"), batch=t_done - t_taken, e2e=t_done - item.t_submit,
                 batch_requests=report.num_requests, batch_candidates=report.num_candidates,
                 t_submit=item.t_submit, t_done=t_done, h2d_bytes=report.h2d_bytes)
-        for item, out in zip(items, outs):
-            item.future.set_result(out)
-        with self._cond:
+        with self._cond:   # counted before the results are set: a client sees them up to date
+            self._record_throughput(report.num_candidates, t_taken)
             self._stats["batches"] += 1
             self._stats["completed"] += len(items)
             self._stats["candidates"] += report.num_candidates
+        for item, out in zip(items, outs):
+            item.future.set_result(out)

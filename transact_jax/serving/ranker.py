@@ -28,8 +28,12 @@ seconds for batch preparation (``prep``), pageable-to-pinned copy (``pin``, "pin
 only), host-to-device (``h2d``), forward and device-to-host (``d2h``). Without it nothing blocks
 between phases and only ``prep`` and the total are measured.
 
-Threads: a Ranker may be called from several threads; each batch uses its own arena from a
+Threads: a Ranker may be called from several threads (the :mod:`.batcher` prepares up to its
+``pipeline_depth`` batches at once, each on its own thread); each batch uses its own arena from a
 per-bucket pool (``staging_slots`` deep), so up to that many batches of a bucket can be in flight.
+The pool never grows: a batch that finds every arena of its bucket busy waits until one is released
+(by ``InFlight.finish``), so arenas are reused and never reallocated in steady state. Keep
+``staging_slots`` >= the batcher's ``pipeline_depth`` (both default to 3) so that no batch waits.
 """
 from __future__ import annotations
 
@@ -63,7 +67,8 @@ from transact_jax.run.config import ExperimentConfig
 
 @dataclasses.dataclass(frozen=True)
 class RankerConfig:
-    """Serving options (module docstring). ``staging_slots``: arenas per bucket."""
+    """Serving options (module docstring). ``staging_slots``: arenas per bucket, i.e. batches of
+    one bucket in flight at once (keep >= the batcher's ``pipeline_depth``; module docstring)."""
 
     nn_impl: str = "auto"
     encoder_impl: str = "auto"
@@ -71,7 +76,7 @@ class RankerConfig:
     pinned: bool = True
     buckets: Optional[BucketConfig] = None
     overlong: str = "truncate"
-    staging_slots: int = 2
+    staging_slots: int = 3
 
     def __post_init__(self):
         for name in ("nn_impl", "encoder_impl"):

@@ -22,9 +22,12 @@ backend is not a GPU (pinned memory only matters for DMA to an accelerator; on t
 self-test of in-place writes fails. The self-test writes two patterns through the view of a small
 pinned buffer and checks that each device copy sees them.
 
-Reuse: a bucket has ``slots`` arenas (a pool); :meth:`Stager.acquire` blocks until one is free and
-the caller releases it once the batch's result is back on the host (by then the device has consumed
-the copy), so a buffer is never overwritten while a transfer from it may still be running.
+Reuse: a bucket has ``slots`` arenas (a pool, allocated on first use or by :meth:`Stager.preallocate`
+and then kept); :meth:`Stager.acquire` returns a free one and, when all ``slots`` are busy, blocks on a
+condition until one is released: it never allocates beyond ``slots``, so in steady state arenas are
+only reused. The caller releases its arena once the batch's result is back on the host (by then the
+device has consumed the copy), so a buffer is never overwritten while a transfer from it may still be
+running.
 """
 from __future__ import annotations
 
@@ -122,7 +125,7 @@ class Stager:
         mechanism on the CPU backend; it brings no speed there).
     """
 
-    def __init__(self, device, pinned: bool, slots: int = 2, allow_non_gpu: bool = False):
+    def __init__(self, device, pinned: bool, slots: int = 3, allow_non_gpu: bool = False):
         if slots < 1:
             raise ValueError(f"slots: need >= 1, got {slots}")
         self.device = device
@@ -131,6 +134,7 @@ class Stager:
         self._pools: Dict[ArenaLayout, List[HostArena]] = {}
         self._free: Dict[ArenaLayout, List[HostArena]] = {}
         self._cond = threading.Condition()
+        self.allocations = 0   # arenas allocated so far (at most ``slots`` per layout)
 
     @staticmethod
     def _choose(device, pinned: bool, allow_non_gpu: bool) -> StagingInfo:
@@ -153,17 +157,40 @@ class Stager:
         return self.info.mode
 
     def acquire(self, layout: ArenaLayout) -> HostArena:
-        """A free arena of ``layout`` (allocated on first use; blocks while all slots are busy)."""
+        """A free arena of ``layout``: a released one, else a new one while the pool has fewer than
+        ``slots``; when all ``slots`` are busy, waits until :meth:`release` frees one (module
+        docstring). Thread-safe."""
         with self._cond:
             while True:
                 free = self._free.setdefault(layout, [])
                 if free:
                     return free.pop()
-                pool = self._pools.setdefault(layout, [])
-                if len(pool) < self.slots:
+                if self._reserve(layout):
                     break
                 self._cond.wait()
-            pool.append(None)  # reserve the slot while allocating outside the lock
+        return self._allocate(layout)
+
+    def preallocate(self, layout: ArenaLayout) -> None:
+        """Allocate the missing slots of ``layout`` now (warm-up), so serving never allocates;
+        never waits for busy arenas."""
+        while True:
+            with self._cond:
+                if not self._reserve(layout):
+                    return
+            self.release(self._allocate(layout))
+
+    def _reserve(self, layout: ArenaLayout) -> bool:
+        """Reserve a slot of ``layout``'s pool for an arena allocated outside the lock, if the pool
+        has room (call under the lock)."""
+        pool = self._pools.setdefault(layout, [])
+        if len(pool) >= self.slots:
+            return False
+        pool.append(None)
+        return True
+
+    def _allocate(self, layout: ArenaLayout) -> HostArena:
+        """A new arena in the slot reserved by :meth:`_reserve` (freed again if allocation fails)."""
+        pool = self._pools[layout]
         try:
             arena = HostArena(layout, self.device, self.mode)
         except BaseException:
@@ -173,13 +200,8 @@ class Stager:
             raise
         with self._cond:
             pool[pool.index(None)] = arena
+            self.allocations += 1
         return arena
-
-    def preallocate(self, layout: ArenaLayout) -> None:
-        """Allocate every slot of ``layout`` now (warm-up), so serving never allocates."""
-        arenas = [self.acquire(layout) for _ in range(self.slots)]
-        for arena in arenas:
-            self.release(arena)
 
     def release(self, arena: HostArena) -> None:
         with self._cond:
