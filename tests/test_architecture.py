@@ -15,8 +15,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 FORBIDDEN = {
     "pallas_kernels": ("transact_jax",),
     "transact_jax.data": ("transact_jax.model", "transact_jax.train", "transact_jax.serving",
-                          "transact_jax.run", "transact_jax.eval"),
-    "transact_jax.model": ("transact_jax.train", "transact_jax.serving", "transact_jax.run"),
+                          "transact_jax.run", "transact_jax.eval", "transact_jax.retrieval"),
+    "transact_jax.model": ("transact_jax.train", "transact_jax.serving", "transact_jax.run",
+                           "transact_jax.retrieval"),
+    # sequential retrieval (leave-one-out, SASRec / HSTU): builds on data and model only
+    "transact_jax.retrieval": ("transact_jax.train", "transact_jax.serving", "transact_jax.run",
+                               "transact_jax.eval"),
     "transact_jax.run": ("transact_jax.train", "transact_jax.serving"),
     "transact_jax.serving": ("transact_jax.train",),
     "transact_jax.train": ("transact_jax.serving",),
