@@ -258,6 +258,23 @@ def _split_refs(refs, st: Static, n_in: int):
 # --------------------------------------------------------------------------------------- kernels
 
 
+def _key_tile_scores(t, q, pos_q, ts_q, seq, st: Static, n_hist, tgt_lo, block_k: int,
+                     k_ref, v_ref, ts_ref, pos_ref, time_ref):
+    """Step ``t`` of a query tile's loop over key tiles (forward and dq kernels): the tile's keys
+    and values, the allowed mask, the scores ``S = Q K^T + rab`` and the rab bucket steps (for the
+    table gradients)."""
+    j, hist_pass = _key_tile(t, n_hist, tgt_lo)
+    k0 = j * block_k
+    pos_k = k0 + jnp.arange(block_k)
+    krow0 = seq.start + k0
+    k = _load_rows(k_ref, krow0, pos_k, seq.length)
+    v = _load_rows(v_ref, krow0, pos_k, seq.length)
+    ts_k = _load_vec(ts_ref, krow0, pos_k, seq.length) if st.has_time else None
+    tile = _Tile(pos_q, pos_k, ts_q, ts_k, hist_pass)
+    allowed, bias, pos_steps, time_steps = _mask_and_bias(tile, seq, st, pos_ref, time_ref)
+    return k, v, allowed, _mm(q, k.T) + bias, pos_steps, time_steps
+
+
 def _fwd_kernel(*refs, st: Static, block_q: int, block_k: int):
     meta, (q_ref, k_ref, v_ref), ts_ref, pos_ref, time_ref, (o_ref,) = _split_refs(refs, st, 3)
     seq = _load_seq(meta)
@@ -270,16 +287,8 @@ def _fwd_kernel(*refs, st: Static, block_q: int, block_k: int):
     n_hist, tgt_lo, n_tgt = _key_ranges(q0, block_q, block_k, seq, st.causal)
 
     def key_tile(t, acc):
-        j, hist_pass = _key_tile(t, n_hist, tgt_lo)
-        k0 = j * block_k
-        pos_k = k0 + jnp.arange(block_k)
-        krow0 = seq.start + k0
-        k = _load_rows(k_ref, krow0, pos_k, seq.length)
-        v = _load_rows(v_ref, krow0, pos_k, seq.length)
-        ts_k = _load_vec(ts_ref, krow0, pos_k, seq.length) if st.has_time else None
-        tile = _Tile(pos_q, pos_k, ts_q, ts_k, hist_pass)
-        allowed, bias, _, _ = _mask_and_bias(tile, seq, st, pos_ref, time_ref)
-        s = _mm(q, k.T) + bias
+        _, v, allowed, s, _, _ = _key_tile_scores(t, q, pos_q, ts_q, seq, st, n_hist, tgt_lo, block_k,
+                                                  k_ref, v_ref, ts_ref, pos_ref, time_ref)
         silu, _ = _silu_and_grad(s)
         p = jnp.where(allowed, silu * (1.0 / st.norm), 0.0)
         return acc + _mm(p.astype(v.dtype), v)
@@ -307,16 +316,9 @@ def _dq_kernel(*refs, st: Static, block_q: int, block_k: int):
 
     def key_tile(t, carry):
         dq, gpos, gtime = carry
-        j, hist_pass = _key_tile(t, n_hist, tgt_lo)
-        k0 = j * block_k
-        pos_k = k0 + jnp.arange(block_k)
-        krow0 = seq.start + k0
-        k = _load_rows(k_ref, krow0, pos_k, seq.length)
-        v = _load_rows(v_ref, krow0, pos_k, seq.length)
-        ts_k = _load_vec(ts_ref, krow0, pos_k, seq.length) if st.has_time else None
-        tile = _Tile(pos_q, pos_k, ts_q, ts_k, hist_pass)
-        allowed, bias, pos_steps, time_steps = _mask_and_bias(tile, seq, st, pos_ref, time_ref)
-        s = _mm(q, k.T) + bias
+        k, v, allowed, s, pos_steps, time_steps = _key_tile_scores(
+            t, q, pos_q, ts_q, seq, st, n_hist, tgt_lo, block_k, k_ref, v_ref, ts_ref, pos_ref,
+            time_ref)
         _, dsilu = _silu_and_grad(s)
         dp = _mm(do, v.T)
         ds = jnp.where(allowed, dp * dsilu * (1.0 / st.norm), 0.0)
