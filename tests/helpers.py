@@ -1,5 +1,7 @@
-"""Builders of small random inputs for tests (not a test module)."""
+"""Builders of small random inputs for tests, and shared test settings (not a test module)."""
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 
@@ -42,3 +44,24 @@ def random_requests(rng: np.random.Generator, ll_lens, rt_lens, imp_lens, cands_
         categorical=np.stack([rng.integers(0, v, n) for v in feat.categorical_vocab_sizes], 1).astype(np.int32),
         labels=rng.integers(0, 2, (n, feat.num_heads)).astype(np.uint8) if labels else None,
     )
+
+
+@contextlib.contextmanager
+def persistent_compile_cache(directory: str):
+    """JAX's persistent compilation cache in ``directory``, for everything compiled inside (so a test
+    module's repeated training runs compile each step once); the previous settings after."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {n: getattr(jax.config, n) for n in names}
+    cc.reset_cache()
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    try:
+        yield
+    finally:
+        for n, v in old.items():
+            jax.config.update(n, v)
+        cc.reset_cache()

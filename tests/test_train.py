@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.helpers import persistent_compile_cache
 from transact_jax.__main__ import main as cli
 from transact_jax.config import SelectionConfig
 from transact_jax.data.generate import write_synthetic_logs
@@ -49,18 +50,8 @@ def eval_keys(heads, ks=(3,)):
 
 @pytest.fixture(scope="module", autouse=True)
 def compile_cache(tmp_path_factory):
-    from jax.experimental.compilation_cache import compilation_cache as cc
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    cc.reset_cache()
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
+    with persistent_compile_cache(str(tmp_path_factory.mktemp("jax_cache"))):
+        yield
 
 
 @pytest.fixture(scope="module")
