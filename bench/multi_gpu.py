@@ -121,6 +121,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _wait(proc: subprocess.Popen, timeout: float) -> str:
+    """The process's output once it has exited (killed after ``timeout`` seconds)."""
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        log, _ = proc.communicate()
+    return log
+
+
 def run_workers(specs: List[dict], device_sets: List[List[int]], cpu: bool, tmp: str,
                 timeout: float) -> List[Optional[dict]]:
     """Start one worker per spec at once (each on its device set); their results (None if failed)."""
@@ -136,11 +146,7 @@ def run_workers(specs: List[dict], device_sets: List[List[int]], cpu: bool, tmp:
             env=_env(devs, cpu), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
     results = []
     for out_path, proc in procs:
-        try:
-            log, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            log, _ = proc.communicate()
+        log = _wait(proc, timeout)
         if proc.returncode != 0 or not os.path.exists(out_path):
             print(f"worker failed (exit {proc.returncode}):\n{log[-3000:]}", flush=True)
             results.append(None)
@@ -168,11 +174,7 @@ def serving_per_gpu(g: int, serving_args: List[str], cpu: bool, tmp: str, timeou
             text=True)))
     rates = []
     for out, proc in procs:
-        try:
-            log, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            log, _ = proc.communicate()
+        log = _wait(proc, timeout)
         try:
             with open(os.path.join(out, "serving.json")) as f:
                 rates.append(json.load(f)["headline"]["max_candidates_per_s_p99_20ms"])
