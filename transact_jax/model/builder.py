@@ -28,19 +28,23 @@ class ModelDef:
     graphdef: Any
     template: Any
 
-    def bind(self, params: Params) -> RankingModel:
+    def bind(self, params: Params) -> nnx.Module:
         """The model with ``params`` (works inside jit)."""
         state = jax.tree_util.tree_map(lambda v: v, self.template)
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(self.graphdef, state)
 
 
-def model_def(feat: FeatureConfig, sel: SelectionConfig, model: ModelConfig) -> ModelDef:
-    """The model's static definition (shapes only, no parameters are initialized)."""
-    # Shapes only: the template must not alias the parameters, which the train step donates.
-    graphdef, template = nnx.split(nnx.eval_shape(
-        lambda: RankingModel(feat, sel, model, rngs=nnx.Rngs(0))))
+def module_def(make: Callable[[], nnx.Module]) -> ModelDef:
+    """The static definition of the module ``make()`` builds (shapes only, no parameters are
+    initialized: the template must not alias parameters, which a train step may donate)."""
+    graphdef, template = nnx.split(nnx.eval_shape(make))
     return ModelDef(graphdef, template)
+
+
+def model_def(feat: FeatureConfig, sel: SelectionConfig, model: ModelConfig) -> ModelDef:
+    """The ranking model's static definition (shapes only, no parameters are initialized)."""
+    return module_def(lambda: RankingModel(feat, sel, model, rngs=nnx.Rngs(0)))
 
 
 def init_params(feat: FeatureConfig, sel: SelectionConfig, model: ModelConfig, seed: int) -> Params:

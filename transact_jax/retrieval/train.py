@@ -40,6 +40,7 @@ import optax
 from flax import nnx
 
 from transact_jax.config_json import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, ConfigError, check_fields
+from transact_jax.model.builder import ModelDef, Params, module_def
 from transact_jax.retrieval.data import (
     JaggedBatch,
     LeaveOneOut,
@@ -55,7 +56,6 @@ from transact_jax.retrieval.models import (
 )
 
 NEGATIVE_SAMPLERS = ("uniform", "popularity")
-Params = Dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,13 +156,10 @@ class ModelFns:
     """A model's static definition: ``bind(params)`` rebuilds it (inside jit), ``init(seed)``."""
 
     cfg: RetrievalModelConfig
-    graphdef: Any
-    template: Any
+    definition: ModelDef
 
     def bind(self, params: Params) -> RetrievalModel:
-        state = jax.tree_util.tree_map(lambda v: v, self.template)
-        nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(self.graphdef, state)
+        return self.definition.bind(params)
 
     def init(self, seed: int) -> Params:
         return _initializer(self.cfg)(jax.random.key(seed))
@@ -170,8 +167,7 @@ class ModelFns:
 
 @functools.lru_cache(maxsize=16)
 def model_fns(cfg: RetrievalModelConfig) -> ModelFns:
-    graphdef, template = nnx.split(nnx.eval_shape(lambda: RetrievalModel(cfg, rngs=nnx.Rngs(0))))
-    return ModelFns(cfg, graphdef, template)
+    return ModelFns(cfg, module_def(lambda: RetrievalModel(cfg, rngs=nnx.Rngs(0))))
 
 
 @functools.lru_cache(maxsize=16)
