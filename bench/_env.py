@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -14,7 +14,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from transact_jax.environment import environment  # noqa: E402,F401  (re-exported for bench scripts)
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
-__all__ = ["RESULTS", "environment", "time_calls", "time_device_calls"]
+__all__ = ["RESULTS", "environment", "time_calls", "time_device_calls", "write_results"]
+
+
+def write_results(directory: str, stem: str, payload: dict, markdown: Optional[str] = None) -> None:
+    """``directory/stem.json`` (and ``stem.md`` when ``markdown`` is given)."""
+    import json
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"{stem}.json"), "w") as f:
+        json.dump(payload, f, indent=1)
+    if markdown is not None:
+        with open(os.path.join(directory, f"{stem}.md"), "w") as f:
+            f.write(markdown)
 
 
 def time_calls(fn: Callable[[], object], warmup: int = 3, repeats: int = 20) -> Dict[str, float]:

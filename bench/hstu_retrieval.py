@@ -29,7 +29,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from _env import RESULTS, environment  # noqa: E402  (puts the repo root on sys.path)
+from _env import RESULTS, environment, write_results  # noqa: E402  (puts the repo root on sys.path)
 from transact_jax.retrieval.data import read_sequences  # noqa: E402
 from transact_jax.retrieval.models import RetrievalModelConfig, scaled  # noqa: E402
 from transact_jax.retrieval.train import RetrievalTrainConfig, fit, popularity_baseline  # noqa: E402
@@ -222,12 +222,8 @@ def main(argv=None) -> dict:
             "popularity_baseline": popularity,
             "paper_table4": PAPER_TABLE4, "wall_seconds": time.perf_counter() - t0}
     payload = {"benchmark": "hstu_retrieval", **meta, "rows": rows, "runs": runs}
-    os.makedirs(args.results, exist_ok=True)
-    with open(os.path.join(args.results, "hstu_retrieval.json"), "w") as f:
-        json.dump(payload, f, indent=1)
     md = markdown(rows, meta)
-    with open(os.path.join(args.results, "hstu_retrieval.md"), "w") as f:
-        f.write(md)
+    write_results(args.results, "hstu_retrieval", payload, md)
     plot(runs, rows, meta["popularity_baseline"]["test"],
          os.path.join(args.results, "hstu_retrieval.png"))
     print(md)

@@ -48,7 +48,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from _env import RESULTS, environment  # noqa: E402  (puts the repo root on sys.path)
+from _env import RESULTS, environment, write_results  # noqa: E402  (puts the repo root on sys.path)
 from transact_jax.config import SelectionConfig  # noqa: E402
 from transact_jax.data.interactions import InteractionRecipe, feature_config_for  # noqa: E402
 from transact_jax.model.config import ModelConfig  # noqa: E402
@@ -421,12 +421,8 @@ def main(argv=None) -> dict:
             "headline": headline, "missing": missing,
             "wall_seconds": time.perf_counter() - t0}
     payload = {"benchmark": "realdata", **meta, "rows": rows, "runs": results}
-    os.makedirs(args.results, exist_ok=True)
-    with open(os.path.join(args.results, "realdata.json"), "w") as f:
-        json.dump(payload, f, indent=1)
     md = markdown(rows, meta)
-    with open(os.path.join(args.results, "realdata.md"), "w") as f:
-        f.write(md)
+    write_results(args.results, "realdata", payload, md)
     plot(results, rows, args.early_stop_metric, os.path.join(args.results, "realdata.png"))
     print(md)
     print(f"wrote {args.results}/realdata.{{json,md,png}} in {meta['wall_seconds']:.0f} s")
