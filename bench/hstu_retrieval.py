@@ -30,6 +30,7 @@ from typing import Dict, List
 import numpy as np
 
 from _env import RESULTS, environment, write_results  # noqa: E402  (puts the repo root on sys.path)
+from transact_jax.data.stochastic_length import METHODS as SL_METHODS  # noqa: E402
 from transact_jax.retrieval.data import read_sequences  # noqa: E402
 from transact_jax.retrieval.models import RetrievalModelConfig, scaled  # noqa: E402
 from transact_jax.retrieval.train import RetrievalTrainConfig, fit, popularity_baseline  # noqa: E402
@@ -176,6 +177,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--sampler", default="uniform", choices=("uniform", "popularity"))
     ap.add_argument("--temperature", type=float, default=0.05)
     ap.add_argument("--exclude-seen", action="store_true", help="drop seen items from the ranking")
+    ap.add_argument("--stochastic-length-alpha", type=float, default=2.0,
+                    help="Stochastic Length alpha in (1, 2] on the training sequences (2: off)")
+    ap.add_argument("--stochastic-length-method", default="feature_weighted", choices=SL_METHODS,
+                    help="Stochastic Length subsequence selection")
     ap.add_argument("--results", default=RESULTS)
     ap.add_argument("--quick", action="store_true", help="CPU smoke run (tiny budget, temp results)")
     args = ap.parse_args(argv)
@@ -194,7 +199,9 @@ def main(argv=None) -> dict:
                                 weight_decay=args.weight_decay, max_epochs=args.max_epochs,
                                 num_negatives=args.negatives, negatives=args.sampler,
                                 temperature=args.temperature, eval_every=args.eval_every,
-                                patience=args.patience, exclude_seen=args.exclude_seen)
+                                patience=args.patience, exclude_seen=args.exclude_seen,
+                                stochastic_length_alpha=args.stochastic_length_alpha,
+                                stochastic_length_method=args.stochastic_length_method)
     configs = model_configs(args, data.num_items)
     runs: Dict[str, List[dict]] = {name: [] for name in configs}
     for name, cfg in configs.items():

@@ -21,7 +21,8 @@ From an :class:`~transact_jax.data.interactions.Interactions` table (MovieLens r
 
 Timestamps are kept (seconds, shifted so that the data's first one is 0, int32) for the temporal
 relative attention bias of HSTU. Sets are jagged numpy arrays (:class:`SequenceSet`); :func:`batches`
-cuts them into fixed-shape :class:`JaggedBatch` es for jitted steps.
+cuts them into fixed-shape :class:`JaggedBatch` es for jitted steps. :func:`subsample_training`
+applies Stochastic Length (:mod:`transact_jax.data.stochastic_length`) to a training set.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import numpy as np
 from transact_jax.data.interactions import Interactions
 from transact_jax.data.public import read_interactions_csv, read_movielens
 from transact_jax.data.schema import SchemaError
+from transact_jax.data.stochastic_length import StochasticLengthConfig, subsample
 
 PAD = 0
 """Item id of padding (items are 1..V)."""
@@ -169,6 +171,30 @@ def read_sequences(path: PathLike, max_len: int = 200, *,
     return leave_one_out(reader(path), max_len, min_rating=min_rating)
 
 
+def subsample_training(data: SequenceSet, cfg: StochasticLengthConfig,
+                       rng: np.random.Generator) -> SequenceSet:
+    """Stochastic Length (:mod:`transact_jax.data.stochastic_length`, eq. (4) of "Actions Speak
+    Louder than Words") on a training set: every sequence is kept whole or replaced by L of its
+    tokens in chronological order (``cfg.threshold``), its timestamps following.
+
+    A subsampled sequence is the model's whole input, so its targets are next-item targets over the
+    subsequence: with kept positions i_0 < ... < i_{L-1} of the original sequence, kept position k <
+    L - 1 predicts the next kept item ``items[i_{k+1}]``, and the last kept position keeps its
+    original target ``targets[i_{L-1}]`` (the item that followed it in the full history: the
+    sequence's final target when the last token is kept). Sequences kept whole keep their targets.
+    """
+    new_offsets, kept = subsample(data.offsets, data.timestamps,
+                                  {"items": data.items, "timestamps": data.timestamps,
+                                   "targets": data.targets}, cfg, rng)
+    new_lengths = np.diff(new_offsets)
+    shortened = new_lengths < data.lengths
+    targets = kept["targets"].copy()
+    inner = np.repeat(shortened, new_lengths)
+    inner[new_offsets[1:][shortened] - 1] = False                # the last kept token of each
+    targets[:-1][inner[:-1]] = kept["items"][1:][inner[:-1]]
+    return SequenceSet(kept["items"], kept["timestamps"], targets, new_offsets)
+
+
 # ------------------------------------------------------------------------------------------ batches
 
 
@@ -215,4 +241,4 @@ def batches(data: SequenceSet, batch_size: int, order: Optional[Sequence[int]] =
 
 
 __all__ = ["PAD", "JaggedBatch", "LeaveOneOut", "SequenceSet", "batches", "leave_one_out",
-           "read_sequences", "token_capacity"]
+           "read_sequences", "subsample_training", "token_capacity"]

@@ -21,6 +21,13 @@ user and item, so a seen item is never the target there); ``exclude_seen=True`` 
 the model's input sequence (the last ``max_len``) instead. HR@K is the fraction of users with rank
 < K, NDCG@K the mean over users of ``1 / log2(rank + 2)`` if rank < K, else 0 (K in ``ks``).
 
+**Stochastic Length** ("Actions Speak Louder than Words" §3.2, eq. (4)): with
+``stochastic_length_alpha < 2`` every epoch trains on a fresh draw of
+:func:`~transact_jax.retrieval.data.subsample_training` (its seed derived from the run's seed and
+the epoch), N_c being the data's ``max_len`` (the truncation length of the histories); validation
+and test inputs are never subsampled. Batches keep the full training set's token capacity, so the
+jitted step compiles once.
+
 **Early stopping** on validation NDCG@10, evaluated every ``eval_every`` epochs: training stops after
 ``patience`` evaluations without improvement (or at ``max_epochs``); the best parameters are kept and
 scored on validation and test.
@@ -40,12 +47,14 @@ import optax
 from flax import nnx
 
 from transact_jax.config_json import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, ConfigError, check_fields
+from transact_jax.data.stochastic_length import StochasticLengthConfig
 from transact_jax.model.builder import ModelDef, Params, module_def
 from transact_jax.retrieval.data import (
     JaggedBatch,
     LeaveOneOut,
     SequenceSet,
     batches,
+    subsample_training,
     token_capacity,
 )
 from transact_jax.retrieval.models import (
@@ -75,6 +84,10 @@ class RetrievalTrainConfig:
       eval_batch_size: users per evaluation step.
       exclude_seen: drop the input sequence's items from the ranking (default: rank against all).
       ks: cut-offs of HR@K and NDCG@K (10 must be one: early stopping reads NDCG@10).
+      stochastic_length_alpha: alpha of Stochastic Length on the training sequences, in (1, 2];
+        2 (the default) turns it off.
+      stochastic_length_method: its subsequence selection ("feature_weighted", "greedy",
+        "random").
     """
 
     batch_size: int = 128
@@ -90,6 +103,8 @@ class RetrievalTrainConfig:
     eval_batch_size: int = 256
     exclude_seen: bool = False
     ks: Tuple[int, ...] = (10, 50, 200)
+    stochastic_length_alpha: float = 2.0
+    stochastic_length_method: str = "feature_weighted"
 
     def __post_init__(self):
         check_fields(self, {**{n: AT_LEAST_ONE for n in ("batch_size", "max_epochs", "num_negatives",
@@ -102,6 +117,18 @@ class RetrievalTrainConfig:
                                            f"{self.negatives!r}")
         if 10 not in self.ks:
             raise ConfigError("ks", f"must hold 10 (early stopping reads NDCG@10), got {self.ks}")
+        self.stochastic_length(1)                 # checks alpha and method (N_c comes with data)
+
+    def stochastic_length(self, max_len: int) -> Optional[StochasticLengthConfig]:
+        """The Stochastic Length of training histories truncated to ``max_len`` (N_c), None when
+        off (alpha 2)."""
+        try:
+            cfg = StochasticLengthConfig(max_len, self.stochastic_length_alpha,
+                                         self.stochastic_length_method)
+        except ConfigError as e:
+            field = e.field if e.field == "max_len" else f"stochastic_length_{e.field}"
+            raise ConfigError(field, e.problem) from e
+        return cfg if cfg.enabled else None
 
 
 # ----------------------------------------------------------------------------------------- metrics
@@ -287,6 +314,15 @@ def evaluate(rank_fn: Callable, params: Params, data: SequenceSet, batch_size: i
     return ranking_metrics(ranks[ranks >= 0], ks)
 
 
+def epoch_training_set(data: SequenceSet, sl: Optional[StochasticLengthConfig], seed: int,
+                       epoch: int) -> SequenceSet:
+    """The training sequences of ``epoch``: ``data`` itself, or (``sl`` given) its Stochastic
+    Length draw seeded by (``seed``, ``epoch``)."""
+    if sl is None:
+        return data
+    return subsample_training(data, sl, np.random.default_rng([seed, epoch]))
+
+
 def fit(cfg: RetrievalModelConfig, tcfg: RetrievalTrainConfig, data: LeaveOneOut, seed: int = 0,
         log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """Train ``cfg`` on ``data.train`` (module docstring); returns the validation and test metrics
@@ -304,6 +340,7 @@ def fit(cfg: RetrievalModelConfig, tcfg: RetrievalTrainConfig, data: LeaveOneOut
     log_q = cdf = None
     if tcfg.negatives == "popularity":
         log_q, cdf = popularity_tables(data.train_counts, tcfg.popularity_power)
+    sl = tcfg.stochastic_length(data.max_len)
     step = make_train_step(cfg, tcfg)
     rank_fn = make_rank_fn(cfg, tcfg.exclude_seen)
     train_cap = token_capacity(data.train, tcfg.batch_size)
@@ -316,7 +353,8 @@ def fit(cfg: RetrievalModelConfig, tcfg: RetrievalTrainConfig, data: LeaveOneOut
     since_best, steps, epoch = 0, 0, 0
     for epoch in range(1, tcfg.max_epochs + 1):
         losses = []
-        for batch in batches(data.train, tcfg.batch_size, rng.permutation(data.train.num_sequences),
+        train = epoch_training_set(data.train, sl, seed, epoch)
+        for batch in batches(train, tcfg.batch_size, rng.permutation(train.num_sequences),
                              train_cap):
             params, opt_state, loss = step(params, opt_state, _to_device(batch),
                                            jax.random.fold_in(key, steps), log_q, cdf)
@@ -352,7 +390,7 @@ def fit(cfg: RetrievalModelConfig, tcfg: RetrievalTrainConfig, data: LeaveOneOut
             "seconds": time.perf_counter() - t0}
 
 
-__all__ = ["NEGATIVE_SAMPLERS", "ModelFns", "RetrievalTrainConfig", "evaluate", "fit", "hit_rate",
-           "make_rank_fn", "make_train_step", "model_fns", "ndcg", "num_parameters", "optimizer",
-           "popularity_baseline", "popularity_tables",
+__all__ = ["NEGATIVE_SAMPLERS", "ModelFns", "RetrievalTrainConfig", "epoch_training_set",
+           "evaluate", "fit", "hit_rate", "make_rank_fn", "make_train_step", "model_fns", "ndcg",
+           "num_parameters", "optimizer", "popularity_baseline", "popularity_tables",
            "ranking_metrics", "sample_negatives", "sampled_softmax_loss", "target_ranks"]
