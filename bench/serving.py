@@ -241,12 +241,13 @@ class Budget:
 @dataclasses.dataclass(frozen=True)
 class Load:
     """How load points are offered and judged: candidates per request, seconds of arrivals, the
-    batcher's max wait, queue bound (seconds of offered load), seconds to finish after the last
+    batcher's max wait and extra wait while busy, queue bound (seconds of offered load), seconds to finish after the last
     arrival, the p99 target and the batches in flight."""
 
     cands: int
     duration: float
     max_wait_s: float
+    busy_wait_s: float
     queue_s: float
     grace: float
     slo_ms: float
@@ -280,16 +281,18 @@ def _pct(values, qs=(50, 90, 99)) -> Dict[str, Optional[float]]:
 
 
 def run_point(ranker, pool, load: Load, *, batch: int, rate: float, timing: bool,
-              admission_delay_s: Optional[float] = None, seed: int = 0) -> dict:
+              admission_delay_s: Optional[float] = None, seed: int = 0,
+              keep_latencies: bool = False) -> dict:
     """Offer ``rate`` candidates/s for ``load.duration`` s (Poisson arrivals); returns the
-    statistics. ``admission_delay_s``: the batcher's ``max_queue_delay_s`` (admission control)."""
+    statistics. ``admission_delay_s``: the batcher's ``max_queue_delay_s`` (admission control);
+    ``keep_latencies``: also every completed request's end-to-end seconds (``e2e_s``)."""
     cands = load.cands
     req_rate = rate / cands
     n = max(1, int(round(req_rate * load.duration)))
     rng = np.random.default_rng(seed)
     schedule = np.cumsum(rng.exponential(1.0 / req_rate, n))
     cfg, lacking = batcher_config(
-        max_batch_candidates=batch, max_wait_s=load.max_wait_s,
+        max_batch_candidates=batch, max_wait_s=load.max_wait_s, busy_wait_s=load.busy_wait_s,
         max_queue_requests=max(4, int(req_rate * load.queue_s)), pipeline_depth=load.pipeline_depth,
         timing=timing, max_queue_delay_s=admission_delay_s)
     batcher = DynamicBatcher(ranker, cfg)
@@ -349,6 +352,8 @@ def run_point(ranker, pool, load: Load, *, batch: int, rate: float, timing: bool
         tot = sum(t.h2d_bytes["total"] * cands / t.batch_candidates for t in sized)
         out["h2d_sequence_bytes_per_candidate"] = seq / (len(sized) * cands)
         out["h2d_total_bytes_per_candidate"] = tot / (len(sized) * cands)
+    if keep_latencies:
+        out["e2e_s"] = e2e
     p99 = out["e2e_ms"]["p99"]
     out["sustained"] = bool(timings) and rejected == 0 and dropped == 0 and p99 <= load.slo_ms
     return out
@@ -994,6 +999,8 @@ class Settings:
     duration: float
     grace: float
     max_wait_ms: float
+    busy_wait_ms: float
+    switch_interval_us: Optional[float]
     queue_s: float
     pipeline_depth: int
     configs: List[str]
@@ -1047,6 +1054,12 @@ def parse_settings(argv=None) -> Tuple[Settings, bool]:
     ap.add_argument("--duration", type=float, help="seconds of arrivals per load point (default 2)")
     ap.add_argument("--grace", type=float, default=1.0, help="seconds to finish after the last arrival")
     ap.add_argument("--max-wait-ms", type=float, default=2.0, help="batcher max wait")
+    ap.add_argument("--busy-wait-ms", type=float, default=2.0,
+                    help="batcher extra wait for a fuller batch while another is in flight "
+                         "(BatcherConfig.busy_wait_s; default 2)")
+    ap.add_argument("--switch-interval-us", type=float,
+                    help="the interpreter's thread switch interval (sys.setswitchinterval; "
+                         "default: Python's, 5000)")
     ap.add_argument("--queue-s", type=float, default=0.25,
                     help="queue bound, in seconds of offered load (beyond it: Overloaded)")
     ap.add_argument("--pipeline-depth", type=int, default=3,
@@ -1105,7 +1118,8 @@ def parse_settings(argv=None) -> Tuple[Settings, bool]:
         quick=q, out=a.out, ll_len=pick(a.ll_len, 512, 10_000), cands=pick(a.cands, 16, 64),
         batch_sizes=_ints(pick(a.batch_sizes, "32,64", "128,256,512")), rates=rates,
         ref_rate=a.ref_rate or rates[0], duration=pick(a.duration, 0.8, 2.0), grace=a.grace,
-        max_wait_ms=a.max_wait_ms, queue_s=a.queue_s, pipeline_depth=a.pipeline_depth,
+        max_wait_ms=a.max_wait_ms, busy_wait_ms=a.busy_wait_ms,
+        switch_interval_us=a.switch_interval_us, queue_s=a.queue_s, pipeline_depth=a.pipeline_depth,
         configs=configs, search_start=a.search_start, search_steps=pick(a.search_steps, 3, 6),
         search_batches=_ints(pick(a.search_batch_sizes, "32,64", "1024,2048,4096")),
         slo_ms=pick(a.slo_ms, 250.0, SLO_MS), dtype=a.dtype, max_total_s=pick(a.max_total_s, 110, 540),
@@ -1142,7 +1156,10 @@ class ServingRun:
         self.rankers = make_rankers(self.engine, self.buckets, s.configs)
         self.need = {n: max(1, max(all_batches if n == "all" else s.batch_sizes) // s.cands)
                      for n in s.configs}
+        if s.switch_interval_us is not None:
+            sys.setswitchinterval(s.switch_interval_us / 1e6)
         self.load = Load(cands=s.cands, duration=s.duration, max_wait_s=s.max_wait_ms / 1e3,
+                         busy_wait_s=s.busy_wait_ms / 1e3,
                          queue_s=s.queue_s, grace=s.grace, slo_ms=s.slo_ms, pipeline_depth=s.pipeline_depth)
         self.fig9_batch = 256 if 256 in s.batch_sizes else s.batch_sizes[len(s.batch_sizes) // 2]
         self.main_cell: dict = {}        # the main search and device-only row, for cost growth
@@ -1156,7 +1173,8 @@ class ServingRun:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "argv": sys.argv[1:] if argv is None else list(argv),
             "settings": dict(
-                dataclasses.asdict(s), cands_per_request=s.cands, rates_candidates_per_s=s.rates,
+                dataclasses.asdict(s), switch_interval_s=sys.getswitchinterval(),
+                cands_per_request=s.cands, rates_candidates_per_s=s.rates,
                 duration_s=s.duration, grace_s=s.grace, fig9_batch=self.fig9_batch,
                 selection=dataclasses.asdict(sel), buckets=dataclasses.asdict(self.buckets),
                 batcher_fields=[f.name for f in dataclasses.fields(BatcherConfig)],

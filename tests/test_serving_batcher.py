@@ -132,6 +132,27 @@ def test_a_lone_request_waits_at_most_max_wait():
         assert f.timing.queue < 0.5
 
 
+def test_busy_wait_holds_a_partial_batch_only_while_another_is_in_flight():
+    gate = threading.Event()
+    fake = FakeRanker(gate=gate)
+    with DynamicBatcher(fake, max_batch_candidates=256, max_wait_s=0.01, busy_wait_s=0.3,
+                        pipeline_depth=2) as b:
+        first = b.submit(one_request(1))
+        wait_until(lambda: len(fake.batches) == 1)      # in flight, held by the gate
+        second = b.submit(one_request(2))
+        time.sleep(0.15)                                # past max_wait_s, within busy_wait_s
+        assert len(fake.batches) == 1                   # still filling: the device is busy
+        wait_until(lambda: len(fake.batches) == 2, timeout=2.0)
+        gate.set()
+        assert (second.result(5) == 2).all() and 0.29 <= second.timing.queue < 1.5
+        assert (first.result(5) == 1).all()
+    with DynamicBatcher(FakeRanker(), max_batch_candidates=256, max_wait_s=0.01,
+                        busy_wait_s=5.0) as b:              # nothing in flight: max_wait_s only
+        f = b.submit(one_request(3))
+        f.result(2)
+        assert f.timing.queue < 1.0
+
+
 def test_back_pressure_raises_overloaded_when_the_queue_is_full():
     gate = threading.Event()
     fake = FakeRanker(gate=gate)
@@ -237,6 +258,7 @@ def test_bad_requests_and_failed_batches_stay_isolated():
 def test_config_validation():
     for kw, field in ((dict(max_batch_candidates=0), "max_batch_candidates"),
                       (dict(max_wait_s=-1), "max_wait_s"),
+                      (dict(busy_wait_s=-1), "busy_wait_s"),
                       (dict(max_queue_requests=0), "max_queue_requests"),
                       (dict(max_queue_candidates=4, max_batch_candidates=8), "max_queue_candidates"),
                       (dict(max_queue_delay_s=0.0), "max_queue_delay_s"),

@@ -5,7 +5,9 @@ any thread and get a :class:`ScoreFuture` resolved with that request's probabili
 with its own error. Requests wait in a bounded FIFO queue; a dispatcher thread forms a batch when
 
 * the queued requests reach ``max_batch_candidates`` candidates or ``max_batch_requests`` requests,
-* or the oldest queued request has waited ``max_wait_s`` ("dynamic batching"),
+* or the oldest queued request has waited ``max_wait_s`` ("dynamic batching"), plus ``busy_wait_s``
+  while another batch is in flight: the device is busy then, so a non-full batch gains nothing by
+  leaving early and a fuller one spreads the per-batch host cost over more candidates,
 
 takes the longest FIFO prefix that fits, and hands it to a worker thread. Each worker (a pool of
 ``pipeline_depth`` threads) runs one batch from start to end: ``Ranker.dispatch`` (batch
@@ -90,6 +92,7 @@ class BatcherConfig:
       max_batch_candidates: most candidates in one batch (the paper's "batch size").
       max_batch_requests: most requests in one batch (None: limited by candidates only).
       max_wait_s: longest time the oldest queued request waits for a fuller batch.
+      busy_wait_s: extra wait for a fuller batch while another batch is in flight (0: none).
       max_queue_requests, max_queue_candidates: queue bounds; beyond them ``submit`` raises
         :class:`Overloaded` (None: no candidate bound).
       max_queue_delay_s: admission control: ``submit`` raises :class:`Overloaded` when the
@@ -103,6 +106,7 @@ class BatcherConfig:
     max_batch_candidates: int = 256
     max_batch_requests: Optional[int] = None
     max_wait_s: float = 0.002
+    busy_wait_s: float = 0.0
     max_queue_requests: int = 1024
     max_queue_candidates: Optional[int] = None
     max_queue_delay_s: Optional[float] = None
@@ -115,8 +119,9 @@ class BatcherConfig:
             raise ValueError(f"max_batch_candidates: need >= 1, got {self.max_batch_candidates}")
         if self.max_batch_requests is not None and self.max_batch_requests < 1:
             raise ValueError(f"max_batch_requests: need None or >= 1, got {self.max_batch_requests}")
-        if self.max_wait_s < 0:
-            raise ValueError(f"max_wait_s: need >= 0, got {self.max_wait_s}")
+        for name in ("max_wait_s", "busy_wait_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: need >= 0, got {getattr(self, name)}")
         if self.max_queue_requests < 1:
             raise ValueError(f"max_queue_requests: need >= 1, got {self.max_queue_requests}")
         if self.max_queue_candidates is not None and self.max_queue_candidates < self.max_batch_candidates:
@@ -352,8 +357,9 @@ class DynamicBatcher:
                     if self._closed:
                         return None
                     self._cond.wait()
-                deadline = self._queue[0].t_enqueue + cfg.max_wait_s
                 while not self._closed and not self._batch_is_full():
+                    deadline = self._queue[0].t_enqueue + cfg.max_wait_s + (
+                        cfg.busy_wait_s if self._in_flight else 0.0)
                     remaining = deadline - time.perf_counter()
                     if remaining <= 0:
                         break

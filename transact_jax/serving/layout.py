@@ -23,6 +23,8 @@ does not read them.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Dict, Tuple
 
 import jax
@@ -50,7 +52,7 @@ class Leaf:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +82,12 @@ class ArenaLayout:
         raise KeyError(name)
 
     def part_nbytes(self) -> Dict[str, int]:
-        """Bytes of each part (leaf sizes, alignment gaps excluded)."""
+        """Bytes of each part (leaf sizes, alignment gaps excluded); computed once per layout (it
+        is reported with every batch)."""
+        return dict(self._part_nbytes)
+
+    @functools.cached_property
+    def _part_nbytes(self) -> Dict[str, int]:
         out = {p: 0 for p in PARTS}
         for leaf in self.leaves:
             out[leaf.part] += leaf.nbytes
