@@ -149,6 +149,25 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def headline(result: dict) -> dict:
+    """Speed-ups of the kernel (no rab) at L = 4,096, forward+backward, the worst shared memory and
+    the worst relative error, from ``result``'s rows (None where a row is missing)."""
+    def t(impl: str, length: int) -> Optional[float]:
+        row = next((r for r in result["rows"] if r["impl"] == impl and r["L"] == length), None)
+        return row["forward_backward"]["median_us"] if row else None
+
+    def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+        return a / b if a and b else None
+
+    return {
+        "fwd_bwd_speedup_vs_jnp_L4096": ratio(t("jnp", 4096), t("kernel", 4096)),
+        "fwd_bwd_speedup_vs_cudnn_softmax_L4096": ratio(t("cudnn_softmax", 4096), t("kernel", 4096)),
+        "max_smem_bytes_sm86": (result.get("smem") or {}).get("max_sm86"),
+        "max_rel_err": max((v for c in result["correctness"] for k, v in c.items()
+                            if k not in ("L", "rab")), default=None),
+        "device": result["environment"]["device"]}
+
+
 def main(argv: Optional[list] = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="1024,2048,4096,8192")
@@ -159,7 +178,19 @@ def main(argv: Optional[list] = None) -> dict:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--results", default=RESULTS)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (interpret mode off GPU)")
+    ap.add_argument("--summarize", action="store_true",
+                    help="only fill the headline and plot of the JSON in --results (a run cut short)")
     args = ap.parse_args(argv)
+    if args.summarize:
+        path = os.path.join(args.results, "hstu_attention.json")
+        with open(path) as f:
+            result = json.load(f)
+        result["headline"] = headline(result)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        plot(result, os.path.join(args.results, "hstu_attention.png"))
+        print(json.dumps(result["headline"], indent=1))
+        return result
     on_gpu = jax.default_backend() == "gpu"
     if args.quick:
         args.lengths, args.tokens, args.heads, args.dim, args.repeats = "32,64", 128, 2, 16, 2
@@ -204,21 +235,7 @@ def main(argv: Optional[list] = None) -> dict:
                   f"fwd+bwd {row['forward_backward']['median_us'] / 1e3:8.3f} ms", flush=True)
             save()
     result["smem"] = smem(inputs(1024 if on_gpu else 64, args.tokens, args.heads, args.dim, dtype))
-
-    def t(impl: str, length: int) -> Optional[float]:
-        row = next((r for r in result["rows"] if r["impl"] == impl and r["L"] == length), None)
-        return row["forward_backward"]["median_us"] if row else None
-
-    def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-        return a / b if a and b else None
-
-    result["headline"] = {
-        "fwd_bwd_speedup_vs_jnp_L4096": ratio(t("jnp", 4096), t("kernel", 4096)),
-        "fwd_bwd_speedup_vs_cudnn_softmax_L4096": ratio(t("cudnn_softmax", 4096), t("kernel", 4096)),
-        "max_smem_bytes_sm86": result["smem"]["max_sm86"],
-        "max_rel_err": max((v for c in result["correctness"] for k, v in c.items()
-                            if k not in ("L", "rab")), default=None),
-        "device": result["environment"]["device"]}
+    result["headline"] = headline(result)
     save()
     plot(result, os.path.join(args.results, "hstu_attention.png"))
     print(json.dumps(result["headline"], indent=1))

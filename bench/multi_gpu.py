@@ -187,6 +187,47 @@ def serving_per_gpu(g: int, serving_args: List[str], cpu: bool, tmp: str, timeou
             "per_gpu": float(sum(ok) / g) if len(ok) == g else None}
 
 
+def summarize(result: dict) -> None:
+    """Fill ``result["headline"]`` from the measured rows (keys: device counts)."""
+    gpus = result["gpus"]
+    result["loop_per_process"].setdefault(1, result["loop"].get(1))
+    g2 = 2 if 2 in gpus else max(gpus)
+    serving_g = result["serving"].get(g2) or {}
+    result["headline"] = {
+        "gpus": max(gpus),
+        "step_scaling_efficiency_2gpu": efficiency(result["step"], "examples_per_s", g2),
+        "loop_scaling_efficiency_2gpu": efficiency(result["loop"], "examples_per_s_after_first_log", g2),
+        "loop_per_process_scaling_efficiency_2gpu": efficiency(
+            result["loop_per_process"], "examples_per_s_after_first_log", g2),
+        "serving_candidates_per_s_per_gpu": serving_g.get("per_gpu"),
+        "serving_candidates_per_s_one_gpu": (result["serving"].get(1) or {}).get("per_gpu"),
+    }
+    curves = {g: dict(r["curve"]) for g, r in result["curve"].items() if r and r.get("curve")}
+    if 1 in curves:
+        result["headline"]["max_loss_diff_vs_1_device"] = max(
+            (abs(c[s] - curves[1][s]) for g, c in curves.items() for s in c if s in curves[1]),
+            default=None)
+
+
+def load_partial(path: str, serving_dirs: List[str]) -> dict:
+    """A results JSON written by a run cut short (device counts back to ints), with the serving row
+    of ``len(serving_dirs)`` GPUs taken from ``bench/serving.py`` runs made at the same time, one per
+    GPU (their ``--out`` folders)."""
+    with open(path) as f:
+        result = json.load(f)
+    for key in ("step", "loop", "loop_per_process", "curve", "serving"):
+        result[key] = {int(g): r for g, r in result.get(key, {}).items()}
+    if serving_dirs:
+        rates = []
+        for d in serving_dirs:
+            with open(os.path.join(d, "serving.json")) as f:
+                rates.append(json.load(f)["headline"]["max_candidates_per_s_p99_20ms"])
+        g = len(rates)
+        result["serving"][g] = {"gpus": g, "per_engine": rates, "total": float(sum(rates)),
+                                "per_gpu": float(sum(rates) / g), "source": serving_dirs}
+    return result
+
+
 def plot(result: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -232,10 +273,24 @@ def main(argv=None) -> dict:
     ap.add_argument("--results", default=os.path.join(HERE, "results"))
     ap.add_argument("--quick", action="store_true", help="CPU smoke run")
     ap.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--summarize", metavar="JSON",
+                    help="only fill the headline and plot of a results JSON from a run cut short")
+    ap.add_argument("--serving-from", default="",
+                    help="with --summarize: comma-separated bench/serving.py --out folders of runs "
+                         "made at the same time, one per GPU (the serving row of that many GPUs)")
     args = ap.parse_args(argv)
     if args.worker:
         worker_main(*args.worker)
         return {}
+    if args.summarize:
+        result = load_partial(args.summarize, [d for d in args.serving_from.split(",") if d])
+        summarize(result)
+        os.makedirs(args.results, exist_ok=True)
+        with open(os.path.join(args.results, "multi_gpu.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        plot(result, os.path.join(args.results, "multi_gpu.png"))
+        print(json.dumps(result["headline"], indent=1))
+        return result
     cpu = args.quick
     if args.quick:
         args.per_device_batch, args.repeats, args.loop_steps = 32, 3, 8
@@ -285,23 +340,7 @@ def main(argv=None) -> dict:
             result["serving"][g] = serving_per_gpu(g, args.serving_args.split(), cpu, tmp, args.timeout)
             print(f"serving {g}: {result['serving'][g]}", flush=True)
             save()
-    result["loop_per_process"].setdefault(1, result["loop"].get(1))
-    g2 = 2 if 2 in gpus else max(gpus)
-    serving_g = result["serving"].get(g2) or {}
-    result["headline"] = {
-        "gpus": max(gpus),
-        "step_scaling_efficiency_2gpu": efficiency(result["step"], "examples_per_s", g2),
-        "loop_scaling_efficiency_2gpu": efficiency(result["loop"], "examples_per_s_after_first_log", g2),
-        "loop_per_process_scaling_efficiency_2gpu": efficiency(
-            result["loop_per_process"], "examples_per_s_after_first_log", g2),
-        "serving_candidates_per_s_per_gpu": serving_g.get("per_gpu"),
-        "serving_candidates_per_s_one_gpu": (result["serving"].get(1) or {}).get("per_gpu"),
-    }
-    curves = {g: dict(r["curve"]) for g, r in result["curve"].items() if r and r.get("curve")}
-    if 1 in curves:
-        result["headline"]["max_loss_diff_vs_1_device"] = max(
-            (abs(c[s] - curves[1][s]) for g, c in curves.items() for s in c if s in curves[1]),
-            default=None)
+    summarize(result)
     result["wall_s"] = time.perf_counter() - t0
     save()
     plot(result, os.path.join(args.results, "multi_gpu.png"))
