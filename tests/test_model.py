@@ -113,6 +113,7 @@ def test_presets_match_table2():
         "transact_nal_inbatch": ("transact", ("rt_recent", "rt_nn"), "in_batch", True),
         "transact_nal_imp": ("transact", ("rt_recent", "rt_nn"), "impression", True),
         "transact_v2": ("transact", ("ll", "rt_recent", "rt_nn", "imp"), "impression", True),
+        "hstu": ("hstu", ("ll", "rt_recent", "rt_nn", "imp"), "none", False),
     }
     assert PRESET_NAMES == tuple(want)
     assert RT_SEGMENTS == ("rt_recent", "rt_nn") and ALL_SEGMENTS == ("ll", "rt_recent", "rt_nn", "imp")
@@ -450,8 +451,9 @@ def test_a_new_family_is_one_registry_entry(mean_pool_family):
 
 
 def test_unknown_sequence_model_lists_the_registry():
-    with pytest.raises(ValueError, match=r"sequence_model: expected one of \('none', 'bst', 'transact'"):
-        ModelConfig(sequence_model="hstu")
+    with pytest.raises(ValueError,
+                       match=r"sequence_model: expected one of \('none', 'bst', 'transact', 'hstu'\)"):
+        ModelConfig(sequence_model="mamba")
 
 
 # ------------------------------------------------------------------------------- token features

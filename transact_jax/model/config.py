@@ -8,6 +8,9 @@ One code path covers TransAct V2 and the baselines of the paper's Table 2; they 
   extra token; the candidate token's output is the sequence vector.
 * ``"transact"``: TransAct - early fusion (the candidate embedding is concatenated to every token,
   eq. 4), causal transformer, linear + max-pool over valid positions.
+* ``"hstu"``: HSTU ("Actions Speak Louder than Words", Section 3) - the valid tokens packed as a
+  jagged sequence with the candidate appended as one target token, a causal HSTU encoder; the
+  target's output is the sequence vector (:mod:`transact_jax.model.sequence.hstu`).
 
 ``segments`` picks S_all segments (``SelectionConfig.segments``): TransAct (RT) and BST read
 ``("rt_recent", "rt_nn")``; TransAct V2 reads all four, ``("ll", "rt_recent", "rt_nn", "imp")``.
@@ -29,10 +32,13 @@ class ModelConfig:
     """Architecture of the ranking model.
 
     Attributes:
-      sequence_model: a registered sequence model: "none" | "bst" | "transact" (module docstring).
+      sequence_model: a registered sequence model: "none" | "bst" | "transact" | "hstu" (module
+        docstring).
       segments: S_all segments the sequence model reads, in S_all order.
-      d_model: transformer width d = 2 x embedding_dim (64, eq. 4).
+      d_model: transformer width d = 2 x embedding_dim (64, eq. 4). "hstu" takes any width (no
+        early fusion).
       num_layers, num_heads, ff_dim: encoder shape (2 layers, 1 head, feed-forward 32; paper §3.2.2).
+        "hstu" has no feed-forward block (ff_dim unused); its per-head width is d_model / num_heads.
       dropout: encoder dropout during training (torch's four sites); 0 at inference.
       seq_out_dim: width of the linear layer before max-pooling.
       cat_embed_dim: embedding width of each categorical feature.
@@ -44,13 +50,17 @@ class ModelConfig:
         compiled by XLA), "pallas_triton" (the fused SKUT kernel; Pallas interpret mode off GPU) or
         "auto" (the kernel on a GPU, XLA elsewhere). SKUT has no dropout: a training step that
         applies dropout (``dropout > 0``) runs the reference; inference and dropout-free training
-        run the kernel (its backward pass is the reference's autodiff).
+        run the kernel (its backward pass is the reference's autodiff). For "hstu" it is the
+        ``impl`` of the HSTU attention op (:func:`pallas_kernels.hstu_attention.api.hstu_attention`,
+        which has forward and backward kernels and applies no dropout itself); "pallas_triton" needs
+        d_model / num_heads a power of two >= 16, and "auto" runs XLA when it is not.
       token_features: extra per-token features added to every token (empty by default, the paper's
         tokens): ``"similarity"``, the bucketed cosine similarity of the token to the candidate (the
         score NN selection ranks by), and ``"age"``, the bucketed time between the token and the
         request (the paper's tokens carry a timestamp; ``transact_jax.model.layers`` has the
-        buckets). ``"age"`` needs token timestamps, which training and evaluation inputs carry and
-        the serving engine does not ship (it refuses such a model).
+        buckets). "hstu" adds them to its history tokens as the other families do. ``"age"``
+        needs token timestamps, which training and evaluation inputs carry and the serving engine
+        does not ship (it refuses such a model).
     """
 
     sequence_model: str = "transact"
@@ -93,6 +103,9 @@ class ModelConfig:
         if bad or len(set(self.token_features)) != len(self.token_features):
             raise ConfigError("token_features", f"expected distinct names from {TOKEN_FEATURES}, got "
                                                 f"{self.token_features!r}")
+        if self.sequence_model == "hstu":
+            from transact_jax.model.sequence.hstu import check_model_config
+            check_model_config(self)
 
     @property
     def uses_sequence(self) -> bool:

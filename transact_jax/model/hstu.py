@@ -19,15 +19,19 @@ applies to ``Norm(A V) * U`` before f_2 (the optional dropout the paper fuses wi
 Jagged layout: tokens (T, d) with ``offsets`` (B + 1,) int32; sequence b is rows
 ``offsets[b]:offsets[b + 1]``, each at most ``max_seq_len`` long; rows past ``offsets[-1]`` are
 padding (their outputs are 0 and they never reach a real row).
+
+M-FALCON (Section 3.4): :func:`mfalcon_pack` lays out one request's history and its m candidates as
+micro-batches of b_m targets each, :func:`mfalcon_target_outputs` reads the candidates' outputs back.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pallas_kernels._common import IMPLS
@@ -180,4 +184,73 @@ class HSTUEncoder(nnx.Module):
         return jnp.where(padding_rows(offsets, x.shape[0])[:, None], 0.0, x)
 
 
-__all__ = ["HSTUConfig", "HSTUEncoder", "HSTULayer", "dropout", "padding_rows"]
+# ----------------------------------------------------------------------------------- M-FALCON
+
+
+def _mfalcon_layout(num_history: int, num_candidates: int, b_m: int):
+    """Static index arrays of the M-FALCON layout (see :func:`mfalcon_pack`): for each packed row
+    its source row in ``concat([history, candidates])``, the offsets, the targets per sequence and
+    the packed row of each candidate (in candidate order)."""
+    if b_m < 1:
+        raise ValueError(f"b_m: expected a micro-batch size >= 1, got {b_m}")
+    if num_candidates < 1:
+        raise ValueError(f"candidates: expected at least one candidate, got {num_candidates}")
+    n, m = num_history, num_candidates
+    starts = np.arange(0, m, b_m)
+    sizes = np.minimum(b_m, m - starts)                         # b_m each, the last one ragged
+    source = np.concatenate([np.concatenate([np.arange(n), n + s + np.arange(c)])
+                             for s, c in zip(starts, sizes)])
+    offsets = np.concatenate([[0], np.cumsum(n + sizes)])
+    # micro-batch k = j // b_m starts at row k (n + b_m); candidate j is n + j - k b_m rows further
+    candidate_rows = (np.arange(m) // b_m + 1) * n + np.arange(m)
+    return (source.astype(np.int32), offsets.astype(np.int32), sizes.astype(np.int32),
+            candidate_rows.astype(np.int32))
+
+
+def mfalcon_pack(history: jax.Array, candidates: jax.Array,
+                 b_m: int) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """M-FALCON's micro-batches ("Actions Speak Louder than Words", Section 3.4 and Appendix H) for
+    one request, on the jagged layout: ``(tokens, offsets, num_targets)`` for :class:`HSTUEncoder`.
+
+    M-FALCON (Microbatched-Fast Attention Leveraging Cacheable OperatioNs) scores m candidates of
+    one user history of n tokens in ceil(m / b_m) forward passes instead of m: ``b_m`` is the
+    micro-batch size, the number of candidates appended as *targets* after one copy of the history.
+    Sequence k is ``history`` followed by candidates ``k b_m .. min((k + 1) b_m, m) - 1`` (the last
+    micro-batch ragged) with ``num_targets[k]`` = their count. Under the attention op's target rule
+    (a target sees the history and itself, never another target, at the position of the first
+    target) each candidate's output equals the one of its own pass over history + that candidate
+    with a plain causal mask. The sequences can go through the encoder in one call, as here, or
+    one per call (where the paper reuses the history's cached K and V).
+
+    Args:
+      history: (n, ...) history rows (tokens (n, d); the same call packs timestamps (n,)).
+      candidates: (m, ...) candidate rows, the same trailing shape and dtype.
+      b_m: candidates per micro-batch, >= 1; the encoder's ``max_seq_len`` must be >= n + b_m
+        (it is also the "seq_len" normalizer: keep the value the encoder was trained with).
+
+    Returns:
+      tokens (ceil(m / b_m) n + m, ...), offsets (ceil(m / b_m) + 1,) int32 and num_targets
+      (ceil(m / b_m),) int32. :func:`mfalcon_target_outputs` reads the candidates' outputs back.
+    """
+    if history.shape[1:] != candidates.shape[1:] or history.dtype != candidates.dtype:
+        raise ValueError(f"candidates: expected rows like history's {history.shape[1:]} "
+                         f"{history.dtype}, got {candidates.shape[1:]} {candidates.dtype}")
+    source, offsets, num_targets, _ = _mfalcon_layout(history.shape[0], candidates.shape[0], b_m)
+    rows = jnp.concatenate([history, candidates], axis=0)
+    return rows[source], jnp.asarray(offsets), jnp.asarray(num_targets)
+
+
+def mfalcon_target_outputs(outputs: jax.Array, num_history: int, num_candidates: int,
+                           b_m: int) -> jax.Array:
+    """The (m, ...) encoder outputs of the candidate rows of :func:`mfalcon_pack`'s layout (for a
+    history of ``num_history`` rows, ``num_candidates`` = m candidates, micro-batch size ``b_m``),
+    in the original candidate order."""
+    _, offsets, _, candidate_rows = _mfalcon_layout(num_history, num_candidates, b_m)
+    if outputs.shape[0] != offsets[-1]:
+        raise ValueError(f"outputs: expected {offsets[-1]} rows for n={num_history}, "
+                         f"m={num_candidates}, b_m={b_m}, got {outputs.shape[0]}")
+    return outputs[candidate_rows]
+
+
+__all__ = ["HSTUConfig", "HSTUEncoder", "HSTULayer", "dropout", "mfalcon_pack",
+           "mfalcon_target_outputs", "padding_rows"]

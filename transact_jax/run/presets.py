@@ -9,11 +9,16 @@ preset                     sequence model / S_all segments  Next Action Loss
 ``transact_nal_inbatch``   TransAct over S_RT               NAL, in-batch negatives
 ``transact_nal_imp``       TransAct over S_RT               NAL, impression negatives
 ``transact_v2``            TransAct over S_LL+S_RT+S_imp    NAL, impression negatives
+``hstu``                   HSTU over S_LL+S_RT+S_imp        -
 =========================  ==============================  ============================
 
 "S_RT" means the ``rt_recent`` and ``rt_nn`` segments of S_all; TransAct V2 reads all four
 (``ll, rt_recent, rt_nn, imp``, eq. 2). Every preset shares the non-sequence features and the
 DCN-v2 + MLP tower, so differences come from the sequence modelling alone.
+
+``hstu`` is not in Table 2: it is the HSTU encoder of "Actions Speak Louder than Words" (Section 3)
+reading the same four segments as TransAct V2, the candidate appended as a target token
+(:mod:`transact_jax.model.sequence.hstu`); it produces no ``P u(t)``, so it trains without NAL.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ _PRESETS: Dict[str, tuple] = {
     "transact_nal_inbatch": (ModelConfig(sequence_model="transact", segments=RT_SEGMENTS), "in_batch"),
     "transact_nal_imp": (ModelConfig(sequence_model="transact", segments=RT_SEGMENTS), "impression"),
     "transact_v2": (ModelConfig(sequence_model="transact", segments=ALL_SEGMENTS), "impression"),
+    "hstu": (ModelConfig(sequence_model="hstu", segments=ALL_SEGMENTS), "none"),
 }
 PRESET_NAMES = tuple(_PRESETS)
 PAPER_TABLE2 = {  # HIT@3 lift vs Wide&Deep, paper Table 2 (repin, hide)
