@@ -71,6 +71,18 @@ def test_serving_scores_equal_scores_on_logged_features(model, ranker):
     np.testing.assert_allclose(got, logged_scores(model, req), rtol=1e-5, atol=1e-6)
 
 
+def test_hstu_family_serves_the_scores_of_its_logged_features():
+    """Any registered family serves through the same Ranker: HSTU (the candidate as a target token
+    after its S_all history) scores served requests as the training path scores logged features."""
+    cfg = preset("hstu", ExperimentConfig(selection=SEL, model=ModelConfig(mlp_dims=(32,), num_layers=1)))
+    mdef, params = build_model(cfg.feature, cfg.selection, cfg.model, 3)
+    req = make_requests(4)
+    got = Ranker(cfg, params, **XLA).score(req)
+    ex = log_nn_features(req, FEAT, SEL)
+    want = np.asarray(make_predict(mdef)(params, ModelInputs.from_examples(ex)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_dedup_and_broadcast_baseline_give_the_same_scores(model, ranker):
     req = make_requests(1)
     base = Ranker(CFG, model[1], dedup=False, pinned=False, **XLA)
