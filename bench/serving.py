@@ -18,6 +18,11 @@ Four configurations, as in Figures 7-9:
 ``all``        de-dup + pinned + the fused Pallas NN-search kernel + the SKUT encoder kernel
 =============  ==========================================================================
 
+With ``--configs``, two more (grid only): ``hstu``, the ``all`` engine with the HSTU family on the
+same S_all (one candidate per sequence, the HSTU attention kernel), and ``hstu_mfalcon``, HSTU over
+the candidate-independent segments (S_LL by recency, S_RT[:r]) scored with M-FALCON, 16
+candidates per encoder pass.
+
 **Batch size.** In the paper's Figures 7-9 the batch size (128 / 256 / 512) counts *examples*, i.e.
 candidates, of one model mini-batch: "each mini-batch of size 128 results in a 64 MB payload" is 128
 candidates x ~10k broadcast tokens x ~50 B. Here it is the batcher's ``max_batch_candidates``; a
@@ -107,7 +112,28 @@ CONFIGS = {
     "pinned": dict(dedup=False, pinned=True, nn_impl="xla", encoder_impl="xla"),
     "dedup": dict(dedup=True, pinned=False, nn_impl="xla", encoder_impl="xla"),
     "all": dict(dedup=True, pinned=True, nn_impl="pallas_triton", encoder_impl="pallas_triton"),
+    "hstu": dict(dedup=True, pinned=True, nn_impl="pallas_triton", encoder_impl="pallas_triton",
+                 model="hstu"),
+    "hstu_mfalcon": dict(dedup=True, pinned=True, nn_impl="pallas_triton",
+                         encoder_impl="pallas_triton", model="hstu_mfalcon"),
 }
+DEFAULT_CONFIGS = ("baseline", "pinned", "dedup", "all")
+GRID_ORDER = ("all", "dedup", "baseline", "pinned", "hstu", "hstu_mfalcon")
+MFALCON_B_M = 16
+
+
+def model_variant(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
+    """The experiment of a configuration's ``model``: ``hstu`` (the HSTU preset on the same S_all,
+    one candidate per sequence) or ``hstu_mfalcon`` (HSTU over the candidate-independent segments,
+    S_LL by recency and S_RT[:r], b_m = MFALCON_B_M candidates per encoder pass)."""
+    hstu = preset("hstu", cfg)
+    if name == "hstu":
+        return hstu
+    if name == "hstu_mfalcon":
+        return dataclasses.replace(
+            hstu, selection=dataclasses.replace(cfg.selection, ll_selection="recent"),
+            model=dataclasses.replace(hstu.model, segments=("ll", "rt_recent"), b_m=MFALCON_B_M))
+    raise ValueError(f"model: unknown variant {name!r}")
 PHASES = ("queue", "prep", "pin", "h2d", "forward", "d2h")
 SLO_MS = 20.0
 OPTIONAL_PHASES = ("device_only", "phases", "timeline", "overload", "cost_growth", "grid")
@@ -181,8 +207,12 @@ def make_rankers(engine: Engine, buckets: BucketConfig, names: Sequence[str],
         opts = dict(CONFIGS[name])
         if not engine.on_gpu:
             opts.update(nn_impl="xla", encoder_impl="xla")
-        out[name] = Ranker(cfg or engine.cfg, engine.params, buckets=buckets,
-                           staging_slots=engine.staging_slots, **opts)
+        run_cfg, params = cfg or engine.cfg, engine.params
+        variant = opts.pop("model", None)
+        if variant is not None:
+            run_cfg = model_variant(run_cfg, variant)
+            params = build_model(run_cfg.feature, run_cfg.selection, run_cfg.model, 0)[1]
+        out[name] = Ranker(run_cfg, params, buckets=buckets, staging_slots=engine.staging_slots, **opts)
     return out
 
 
@@ -1064,7 +1094,10 @@ def parse_settings(argv=None) -> Tuple[Settings, bool]:
                     help="queue bound, in seconds of offered load (beyond it: Overloaded)")
     ap.add_argument("--pipeline-depth", type=int, default=3,
                     help="batches in flight (BatcherConfig.pipeline_depth = staging slots; default 3)")
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                    help=f"configurations of the grid (default {','.join(DEFAULT_CONFIGS)}; also "
+                         f"hstu, hstu_mfalcon: the HSTU family, one candidate per sequence or "
+                         f"M-FALCON with b_m = {MFALCON_B_M})")
     ap.add_argument("--search-start", type=float,
                     help="first rate of the max-rate search (default: half the device-only capacity)")
     ap.add_argument("--search-steps", type=int, help="load points of each search (default 6)")
@@ -1325,7 +1358,7 @@ class ServingRun:
                 result["skipped"]["grid " + ",".join(others)] = f"compiling (~{estimate:.0f} s) does not fit"
                 others = []
         names = (["all"] if "all" in self.rankers else []) + others
-        for name in sorted(names, key=("all", "dedup", "baseline", "pinned").index):
+        for name in sorted(names, key=GRID_ORDER.index):
             rows_by_batch = result["grid"].setdefault(name, {})
             for b in s.batch_sizes:
                 rows = rows_by_batch.setdefault(str(b), [])

@@ -54,6 +54,12 @@ class ModelConfig:
         ``impl`` of the HSTU attention op (:func:`pallas_kernels.hstu_attention.api.hstu_attention`,
         which has forward and backward kernels and applies no dropout itself); "pallas_triton" needs
         d_model / num_heads a power of two >= 16, and "auto" runs XLA when it is not.
+      b_m: HSTU only: the M-FALCON micro-batch size ("Actions Speak Louder than Words" Section
+        3.4), the most candidates one encoder pass scores as targets after a shared history. The
+        attention is sized for it (``max_seq_len`` = S_all slots + b_m; the "seq_len" normalizer
+        divides by that, so b_m is fixed when the model is trained). 1 (the default) scores one
+        candidate per sequence; serving uses M-FALCON when b_m > 1 and the history the model reads
+        does not depend on the candidate (:func:`transact_jax.model.sequence.hstu.shared_history`).
       token_features: extra per-token features added to every token (empty by default, the paper's
         tokens): ``"similarity"``, the bucketed cosine similarity of the token to the candidate (the
         score NN selection ranks by), and ``"age"``, the bucketed time between the token and the
@@ -78,10 +84,12 @@ class ModelConfig:
     dtype: str = "float32"
     encoder_impl: str = "xla"
     token_features: Tuple[str, ...] = ()
+    b_m: int = 1
 
     def __post_init__(self):
         check_fields(self, {**{name: AT_LEAST_ONE for name in (
-            "d_model", "num_layers", "num_heads", "ff_dim", "seq_out_dim", "cat_embed_dim", "mlp_dims")},
+            "d_model", "num_layers", "num_heads", "ff_dim", "seq_out_dim", "cat_embed_dim", "mlp_dims",
+            "b_m")},
             "num_cross_layers": NON_NEGATIVE, "dropout": Bound(0, 1, high_open=True)})
         from transact_jax.model.sequence import names  # the registry imports this module
         if self.sequence_model not in names():

@@ -95,20 +95,46 @@ class RankingModel(nnx.Module):
     def _take_segments(self, a: jax.Array) -> jax.Array:
         return jnp.concatenate([a[:, s] for s in self.slots], axis=1)
 
+    @property
+    def _dtype(self):
+        return jnp.bfloat16 if self.cfg.dtype == "bfloat16" else jnp.float32
+
     def __call__(self, x: ModelInputs, *, dropout_key: Optional[jax.Array] = None) -> ModelOutput:
-        dtype = jnp.bfloat16 if self.cfg.dtype == "bfloat16" else jnp.float32
-        scale = self.feat.quant_scale
-        cand = dequantize_int8(x.candidate_embedding, scale, jnp.float32)
-        parts = [x.dense.astype(jnp.float32)]
-        parts += [emb(x.categorical[:, i]) for i, emb in enumerate(self.categorical)]
-        parts.append(cand)
-        nal = None
+        cand = dequantize_int8(x.candidate_embedding, self.feat.quant_scale, jnp.float32)
+        seq = nal = None
         if self.sequence is not None:
-            emb = dequantize_int8(self._take_segments(x.embeddings), scale, jnp.float32)
+            emb = dequantize_int8(self._take_segments(x.embeddings), self.feat.quant_scale, jnp.float32)
             age = None if x.token_age_hours is None else self._take_segments(x.token_age_hours)
             seq, nal = self.sequence(emb, self._take_segments(x.actions),
                                      self._take_segments(x.surfaces), self._take_segments(x.mask),
-                                     cand, dtype, dropout_key, age)
+                                     cand, self._dtype, dropout_key, age)
+        return ModelOutput(logits=self._tower(x, cand, seq), nal_user=nal)
+
+    def mfalcon_logits(self, history: ModelInputs, x: ModelInputs,
+                       cand_to_req: jax.Array) -> jax.Array:
+        """Logits (N, H) of N candidates (``x``: their candidate, dense and categorical fields; its
+        sequence fields are not read) whose U requests share one history each (``history``: the
+        (U, |S_all|) sequence fields of one candidate per request), through the sequence model's
+        M-FALCON path, ``ModelConfig.b_m`` candidates per encoder pass
+        (:mod:`transact_jax.model.sequence.hstu`). Equal to ``self(x).logits`` when each
+        candidate's own S_all equals its request's history."""
+        mfalcon = getattr(self.sequence, "mfalcon", None)
+        if mfalcon is None:
+            raise ValueError(f"sequence_model: {self.cfg.sequence_model!r} has no M-FALCON path")
+        cand = dequantize_int8(x.candidate_embedding, self.feat.quant_scale, jnp.float32)
+        emb = dequantize_int8(self._take_segments(history.embeddings), self.feat.quant_scale,
+                              jnp.float32)
+        seq = mfalcon(emb, self._take_segments(history.actions),
+                      self._take_segments(history.surfaces), self._take_segments(history.mask),
+                      cand, cand_to_req, self.cfg.b_m, self._dtype)
+        return self._tower(x, cand, seq)
+
+    def _tower(self, x: ModelInputs, cand: jax.Array, seq: Optional[jax.Array]) -> jax.Array:
+        """DCN-v2 cross layers and the MLP over [dense, categorical embeddings, e_c, s]; logits."""
+        parts = [x.dense.astype(jnp.float32)]
+        parts += [emb(x.categorical[:, i]) for i, emb in enumerate(self.categorical)]
+        parts.append(cand)
+        if seq is not None:
             parts.append(seq)
         x0 = self.input_norm(jnp.concatenate(parts, axis=-1))
         h = x0
@@ -119,4 +145,4 @@ class RankingModel(nnx.Module):
         logits = self.head(h)
         if self.wide is not None:
             logits = logits + sum(t(x.categorical[:, i]) for i, t in enumerate(self.wide))
-        return ModelOutput(logits=logits, nal_user=nal)
+        return logits

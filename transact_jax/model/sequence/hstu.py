@@ -28,10 +28,15 @@ unnormalized). ``ff_dim`` is unused (HSTU has no feed-forward block: eq. 3's gat
 place). ``ModelConfig.dtype`` is the compute dtype of
 the encoder (its parameters are cast for the forward pass; they stay float32).
 
-M-FALCON (:func:`transact_jax.model.hstu.mfalcon_pack`) scores one request's candidates b_m per
-pass with this encoder exactly as the tower scores them one per example, provided each micro-batch
-fits ``max_seq_len``: n + b_m <= L + 1 for a history of n valid tokens (the "seq_len" normalizer
-divides by ``max_seq_len``, so it cannot be raised after training).
+M-FALCON ("Actions Speak Louder than Words" Section 3.4): when the history the model reads is the
+same for every candidate of a request (:func:`shared_history`), :meth:`HSTUSequence.mfalcon`
+scores a batch of requests with one encoder pass per b_m candidates of a request
+(:func:`pack_requests`): the request's history once, then up to b_m candidates as targets that see
+the history and themselves, not each other. Each candidate's output equals that of its own
+one-target sequence, so the scores are the tower's, at the encoder cost of ceil(m / b_m) passes of
+n + b_m rows instead of m passes of n + 1 rows. ``ModelConfig.b_m`` sizes the attention for it
+(``max_seq_len`` = L + b_m, fixed at training: the "seq_len" normalizer divides by it).
+:func:`transact_jax.model.hstu.mfalcon_pack` is the same packing for one request.
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels._common import is_pow2
-from transact_jax.config import FeatureConfig
+from transact_jax.config import FeatureConfig, SelectionConfig
 from transact_jax.config_json import ConfigError
 from transact_jax.model.config import ModelConfig
 from transact_jax.model.hstu import HSTUConfig, HSTUEncoder
@@ -79,7 +84,7 @@ def hstu_config(cfg: ModelConfig, length: int) -> HSTUConfig:
     width = cfg.d_model // cfg.num_heads
     return HSTUConfig(num_layers=cfg.num_layers, num_heads=cfg.num_heads, d_model=cfg.d_model,
                       d_qk=width, d_v=width, dropout=cfg.dropout, final_norm=True,
-                      use_rab_pos=True, use_rab_time=False, max_seq_len=length + 1,
+                      use_rab_pos=True, use_rab_time=False, max_seq_len=length + cfg.b_m,
                       attention_impl=attention_impl(cfg))
 
 
@@ -106,6 +111,69 @@ def pack_jagged(history: jax.Array, mask: jax.Array,
     tokens = jnp.zeros((total, d), history.dtype).at[dest.reshape(-1)].set(
         rows.reshape(total, d), mode="drop")
     return tokens, offsets, offsets[1:] - 1
+
+
+def shared_history(sel: SelectionConfig, cfg: ModelConfig) -> Optional[str]:
+    """None when every candidate of a request reads the same history tokens (M-FALCON applies),
+    else why not: the family must be "hstu" with b_m > 1, read neither ``rt_nn`` nor ``imp`` (both
+    NN-selected per candidate: NN(S_RT[r:], c), NN(S_imp, c)), read ``ll`` only with
+    ``ll_selection="recent"`` (not per candidate), and add no "similarity" token feature (it depends
+    on the candidate). ``rt_recent`` (S_RT[:r]) is always shared."""
+    if cfg.sequence_model != "hstu":
+        return f"sequence_model is {cfg.sequence_model!r}, not 'hstu'"
+    if cfg.b_m < 2:
+        return "b_m is 1: one candidate per sequence"
+    for segment in ("rt_nn", "imp"):
+        if segment in cfg.segments:
+            return f"the {segment} segment is selected per candidate"
+    if "ll" in cfg.segments and sel.ll_selection != "recent":
+        return f"the ll segment is selected per candidate (ll_selection={sel.ll_selection!r})"
+    if "similarity" in cfg.token_features:
+        return "the 'similarity' token feature depends on the candidate"
+    return None
+
+
+def pack_requests(history: jax.Array, mask: jax.Array, targets: jax.Array,
+                  cand_to_req: jax.Array, b_m: int):
+    """M-FALCON packing of a batch of requests (module docstring), static shapes, jit-friendly.
+
+    Args:
+      history: (U, L, d) each request's tokens; mask: (U, L) bool, valid tokens anywhere in a row.
+      targets: (N, d) candidate tokens; cand_to_req: (N,) int32 each candidate's request.
+      b_m: most candidates per pass.
+
+    Returns:
+      tokens (P L + N, d) (P = U + ceil(N / b_m) passes at most; unused passes are empty and
+      rows past ``offsets[-1]`` zero), offsets (P + 1,) int32, num_targets (P,) int32 and each
+      candidate's row (N,) int32. Pass order: requests in order, each request's candidates in
+      their order within the batch, b_m per pass.
+    """
+    u, length, d = history.shape
+    n = targets.shape[0]
+    passes = u + -(-n // b_m)
+    c2r = cand_to_req.astype(jnp.int32)
+    order = jnp.argsort(c2r, stable=True)
+    sreq = c2r[order]
+    rank = jnp.arange(n, dtype=jnp.int32) - jnp.searchsorted(sreq, sreq, side="left").astype(jnp.int32)
+    per_req = jnp.zeros((u,), jnp.int32).at[c2r].add(1)
+    req_passes = -(-per_req // b_m)
+    first_pass = jnp.cumsum(req_passes) - req_passes
+    sorted_pass = first_pass[sreq] + rank // b_m
+    pass_req = jnp.zeros((passes,), jnp.int32).at[sorted_pass].set(sreq)
+    num_targets = jnp.zeros((passes,), jnp.int32).at[sorted_pass].add(1)
+    n_hist = jnp.sum(mask, axis=1, dtype=jnp.int32)
+    lengths = jnp.where(num_targets > 0, n_hist[pass_req] + num_targets, 0)
+    offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(lengths, dtype=jnp.int32)])
+    total = passes * length + n
+    hist_rank = jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1                      # (U, L)
+    keep = mask[pass_req] & (num_targets > 0)[:, None]                              # (P, L)
+    dest = jnp.where(keep, offsets[:-1, None] + hist_rank[pass_req], total)
+    tokens = jnp.zeros((total, d), history.dtype).at[dest.reshape(-1)].set(
+        history[pass_req].reshape(passes * length, d), mode="drop")
+    sorted_rows = offsets[sorted_pass] + n_hist[sreq] + rank % b_m
+    rows = jnp.zeros((n,), jnp.int32).at[order].set(sorted_rows)
+    tokens = tokens.at[rows].set(targets.astype(tokens.dtype))
+    return tokens, offsets, num_targets, rows
 
 
 def cast_floats(module: nnx.Module, dtype) -> nnx.Module:
@@ -137,12 +205,33 @@ class HSTUSequence(nnx.Module):
                  token_age_hours: Optional[jax.Array] = None) -> Tuple[jax.Array, None]:
         history = self.item_proj(emb) + self.tokens(actions, surfaces, emb=emb, cand=cand,
                                                     age_hours=token_age_hours)
-        target = self.item_proj(cand) + self.target[...]
-        tokens, offsets, target_rows = pack_jagged(history, mask, target)
-        encoder = cast_floats(self.encoder, dtype)
-        u = encoder(tokens.astype(dtype), offsets, dropout_key=dropout_key,
-                    num_targets=jnp.ones((mask.shape[0],), jnp.int32))
+        tokens, offsets, target_rows = pack_jagged(history, mask, self._target_tokens(cand))
+        u = self._encode(tokens, offsets, jnp.ones((mask.shape[0],), jnp.int32), dtype, dropout_key)
         return self.out(u[target_rows].astype(jnp.float32)), None
+
+    def mfalcon(self, emb: jax.Array, actions: jax.Array, surfaces: jax.Array, mask: jax.Array,
+                cand: jax.Array, cand_to_req: jax.Array, b_m: int, dtype) -> jax.Array:
+        """Sequence vectors (N, seq_out_dim) of N candidates from their U requests' shared history
+        (``emb`` (U, L, D), ``actions``, ``surfaces``, ``mask`` (U, L)), b_m candidates per encoder
+        pass (module docstring); equal to ``self(...)`` on each candidate's own copy of its
+        request's history. Inference only (no dropout); the history must not depend on the
+        candidate (:func:`shared_history`)."""
+        if self.tokens.similarity is not None:
+            raise ValueError("token_features: 'similarity' depends on the candidate; M-FALCON "
+                             "needs a history shared by the request's candidates")
+        history = self.item_proj(emb) + self.tokens(actions, surfaces, emb=emb)
+        tokens, offsets, num_targets, rows = pack_requests(history, mask, self._target_tokens(cand),
+                                                           cand_to_req, b_m)
+        u = self._encode(tokens, offsets, num_targets, dtype, None)
+        return self.out(u[rows].astype(jnp.float32))
+
+    def _target_tokens(self, cand: jax.Array) -> jax.Array:
+        return self.item_proj(cand) + self.target[...]
+
+    def _encode(self, tokens, offsets, num_targets, dtype, dropout_key) -> jax.Array:
+        encoder = cast_floats(self.encoder, dtype)
+        return encoder(tokens.astype(dtype), offsets, dropout_key=dropout_key,
+                       num_targets=num_targets)
 
 
 register(SequenceModelEntry(
