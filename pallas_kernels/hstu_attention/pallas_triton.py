@@ -45,11 +45,15 @@ differences ``delta[0] = w[0]``, ``delta[k] = w[k] - w[k - 1]`` (formed by XLA o
 so the kernel reads 32 scalars) as ``sum_k [|d| >= boundary_k] delta[k]`` (``boundary_0 = 0``),
 with the reference's integer boundaries (``POS_BOUNDARIES``, ``TIME_BOUNDARIES`` of
 :mod:`pallas_kernels.hstu_attention.reference`), so every implementation puts a
-pair in the same bucket. Cost per score element and table: 31 compares and 31 select-adds in the
-forward; in the backward, additionally 32 masked full-tile sums of dS per table (the gradient of
-``delta[k]`` is the sum of dS over pairs with ``|d| >= boundary_k``). These run on the CUDA
-cores, not the tensor cores, so with tables the elementwise work, not the matrix products, likely
-bounds the kernels (an estimate: not yet timed on a GPU); calls without tables pay nothing.
+pair in the same bucket. The gradient of ``delta[k]`` is the sum of dS over pairs with
+``|d| >= boundary_k``. Only boundaries inside a tile's range of ``|d|`` over its allowed pairs
+(two tile reductions) cost per-element work: a boundary every allowed pair passes adds a scalar
+to the bias and takes ``sum(dS)``, one that none passes nothing; the others (a ``lax.cond`` each)
+compare and select over the tile, and sum dS in the backward. Relative positions within a tile
+span a few buckets (the buckets widen with distance) and so do the time differences of a
+chronological sequence, so most of the 31 boundaries per table are skipped; evaluating all of
+them made the H200 backward with both tables 13x slower than without (the kernel before this
+change; the skipping is not yet timed on a GPU). Calls without tables pay nothing.
 The bias is recomputed
 per head (it is shared by the heads, but keeping all heads' accumulators on chip would not fit).
 
@@ -144,27 +148,53 @@ def _load_vec(ref, row0, local, length):
     return plgpu.load(ref.at[pl.ds(row0, local.shape[0])], mask=local < length, other=0)
 
 
-def _steps(diff: jax.Array, boundaries: Sequence[int]):
-    """``[|diff| >= boundary]`` for each boundary (bool tiles); ``boundary_0 = 0`` is implicit."""
+@dataclasses.dataclass(frozen=True)
+class _Distances:
+    """One tile's ``|d|`` (bucketed distances, int32 tile) and their range over the allowed pairs
+    (scalars; ``lo > hi`` when no pair is allowed). A boundary ``<= lo`` holds for every allowed
+    pair, one ``> hi`` for none: only boundaries in ``(lo, hi]`` need the tile (module docstring)."""
+
+    mag: jax.Array
+    lo: jax.Array
+    hi: jax.Array
+    boundaries: Tuple[int, ...]
+
+
+def _distances(diff: jax.Array, allowed: jax.Array, boundaries: Sequence[int]) -> _Distances:
     mag = jnp.abs(diff)
-    return [mag >= edge for edge in boundaries]
+    lo = jnp.min(jnp.where(allowed, mag, jnp.iinfo(jnp.int32).max))
+    hi = jnp.max(jnp.where(allowed, mag, -1))
+    return _Distances(mag, lo, hi, tuple(boundaries))
 
 
-def _table_bias(steps, delta_ref) -> jax.Array:
-    """``w[bucket]`` as ``delta[0] + sum_k [step_k] delta[k + 1]`` (float32 tile)."""
-    bias = jnp.full(steps[0].shape, delta_ref[0], jnp.float32)
-    for k, step in enumerate(steps):
-        bias = bias + jnp.where(step, delta_ref[k + 1], 0.0)
-    return bias
+def _table_bias(dist: _Distances, delta_ref) -> jax.Array:
+    """``w[bucket]`` as ``delta[0] + sum_k [|d| >= boundary_k] delta[k + 1]`` (float32 tile) on the
+    allowed pairs: boundaries every allowed pair passes add a scalar, those none passes nothing,
+    and only the rest (``lax.cond``) touch the tile."""
+    const = delta_ref[0]
+    bias = jnp.zeros(dist.mag.shape, jnp.float32)
+    for k, edge in enumerate(dist.boundaries):
+        delta = delta_ref[k + 1]
+        const = const + jnp.where(edge <= dist.lo, delta, 0.0)
+        bias = lax.cond((dist.lo < edge) & (edge <= dist.hi),
+                        lambda b, e=edge, d=delta: b + jnp.where(dist.mag >= e, d, 0.0),
+                        lambda b: b, bias)
+    return bias + const
 
 
-def _table_grad(steps, ds: jax.Array, num: int) -> jax.Array:
-    """Gradient of the table deltas from one tile's dS: ``[sum(dS), sum(dS * step_k)...]`` as a
-    (num,) float32 vector (built with selects: Triton cannot scatter into a vector)."""
+def _table_grad(dist: _Distances, ds: jax.Array, num: int) -> jax.Array:
+    """Gradient of the table deltas from one tile's dS (zero on pairs not allowed):
+    ``[sum(dS), sum(dS [|d| >= boundary_k])...]`` as a (num,) float32 vector (built with selects:
+    Triton cannot scatter into a vector); a boundary every allowed pair passes takes ``sum(dS)``,
+    one none passes 0, only the rest sum over the tile."""
     idx = jnp.arange(num)
-    grad = jnp.where(idx == 0, jnp.sum(ds), 0.0)
-    for k, step in enumerate(steps):
-        grad = grad + jnp.where(idx == k + 1, jnp.sum(jnp.where(step, ds, 0.0)), 0.0)
+    total = jnp.sum(ds)
+    grad = jnp.where(idx == 0, total, 0.0)
+    for k, edge in enumerate(dist.boundaries):
+        part = lax.cond((dist.lo < edge) & (edge <= dist.hi),
+                        lambda e=edge: jnp.sum(jnp.where(dist.mag >= e, ds, 0.0)),
+                        lambda e=edge: jnp.where(e <= dist.lo, total, 0.0))
+        grad = grad + jnp.where(idx == k + 1, part, 0.0)
     return grad
 
 
@@ -189,21 +219,22 @@ class _Tile:
 
 
 def _mask_and_bias(tile: _Tile, seq: SeqMeta, st: Static, pos_ref, time_ref):
-    """(allowed, bias, pos_steps, time_steps) of one (block_q, block_k) score tile."""
+    """(allowed, bias, pos_dist, time_dist) of one (block_q, block_k) score tile; the bias is
+    exact on allowed pairs only (the others are masked out of every result)."""
     pq, pk = tile.pos_q[:, None], tile.pos_k[None, :]
     allowed = allowed_mask(pq, pk, seq.length, seq.history, st.causal)
     if tile.hist_pass is not None:
         allowed = allowed & ((pk < seq.history) == tile.hist_pass)
     bias = jnp.zeros(allowed.shape, jnp.float32)
-    pos_steps = time_steps = None
+    pos_dist = time_dist = None
     if st.has_pos:
         rq, rk = rab_positions(pq, seq.history), rab_positions(pk, seq.history)
-        pos_steps = _steps(rq - rk, POS_BOUNDARIES)
-        bias = bias + _table_bias(pos_steps, pos_ref)
+        pos_dist = _distances(rq - rk, allowed, POS_BOUNDARIES)
+        bias = bias + _table_bias(pos_dist, pos_ref)
     if st.has_time:
-        time_steps = _steps(tile.ts_q[:, None] - tile.ts_k[None, :], TIME_BOUNDARIES)
-        bias = bias + _table_bias(time_steps, time_ref)
-    return allowed, bias, pos_steps, time_steps
+        time_dist = _distances(tile.ts_q[:, None] - tile.ts_k[None, :], allowed, TIME_BOUNDARIES)
+        bias = bias + _table_bias(time_dist, time_ref)
+    return allowed, bias, pos_dist, time_dist
 
 
 def _silu_and_grad(s: jax.Array) -> Tuple[jax.Array, jax.Array]:
@@ -261,7 +292,7 @@ def _split_refs(refs, st: Static, n_in: int):
 def _key_tile_scores(t, q, pos_q, ts_q, seq, st: Static, n_hist, tgt_lo, block_k: int,
                      k_ref, v_ref, ts_ref, pos_ref, time_ref):
     """Step ``t`` of a query tile's loop over key tiles (forward and dq kernels): the tile's keys
-    and values, the allowed mask, the scores ``S = Q K^T + rab`` and the rab bucket steps (for the
+    and values, the allowed mask, the scores ``S = Q K^T + rab`` and the rab distances (for the
     table gradients)."""
     j, hist_pass = _key_tile(t, n_hist, tgt_lo)
     k0 = j * block_k
@@ -271,8 +302,8 @@ def _key_tile_scores(t, q, pos_q, ts_q, seq, st: Static, n_hist, tgt_lo, block_k
     v = _load_rows(v_ref, krow0, pos_k, seq.length)
     ts_k = _load_vec(ts_ref, krow0, pos_k, seq.length) if st.has_time else None
     tile = _Tile(pos_q, pos_k, ts_q, ts_k, hist_pass)
-    allowed, bias, pos_steps, time_steps = _mask_and_bias(tile, seq, st, pos_ref, time_ref)
-    return k, v, allowed, _mm(q, k.T) + bias, pos_steps, time_steps
+    allowed, bias, pos_dist, time_dist = _mask_and_bias(tile, seq, st, pos_ref, time_ref)
+    return k, v, allowed, _mm(q, k.T) + bias, pos_dist, time_dist
 
 
 def _fwd_kernel(*refs, st: Static, block_q: int, block_k: int):
@@ -316,7 +347,7 @@ def _dq_kernel(*refs, st: Static, block_q: int, block_k: int):
 
     def key_tile(t, carry):
         dq, gpos, gtime = carry
-        k, v, allowed, s, pos_steps, time_steps = _key_tile_scores(
+        k, v, allowed, s, pos_dist, time_dist = _key_tile_scores(
             t, q, pos_q, ts_q, seq, st, n_hist, tgt_lo, block_k, k_ref, v_ref, ts_ref, pos_ref,
             time_ref)
         _, dsilu = _silu_and_grad(s)
@@ -324,9 +355,9 @@ def _dq_kernel(*refs, st: Static, block_q: int, block_k: int):
         ds = jnp.where(allowed, dp * dsilu * (1.0 / st.norm), 0.0)
         dq = dq + _mm(ds.astype(k.dtype), k)
         if st.has_pos:
-            gpos = gpos + _table_grad(pos_steps, ds, NUM_POS_BUCKETS)
+            gpos = gpos + _table_grad(pos_dist, ds, NUM_POS_BUCKETS)
         if st.has_time:
-            gtime = gtime + _table_grad(time_steps, ds, NUM_TIME_BUCKETS)
+            gtime = gtime + _table_grad(time_dist, ds, NUM_TIME_BUCKETS)
         return dq, gpos, gtime
 
     carry = (jnp.zeros((block_q, q_ref.shape[-1]), jnp.float32),
