@@ -1,4 +1,4 @@
-"""Pallas kernels for TransAct V2 and their pure-jnp references.
+"""Pallas kernels for TransAct V2, HSTU and VISTA, and their pure-jnp references.
 
 Standalone: nothing here imports ``transact_jax``, so the kernels can be reused in other models.
 
@@ -20,6 +20,12 @@ Layout: one package per kernel op, and one entry point per op in its ``api`` mod
         config.py       NNSearchConfig, MAX_K
         pallas_triton.py  the kernel and its jagged-layout wrapper
         profile.py      the kernel stopped early (bench/nn_search.py --profile only)
+      hstu_attention/   HSTU's jagged pointwise attention with rab^{p,t} and M-FALCON targets
+        api.py          hstu_attention(q, k, v, offsets, *, max_seq_len, ..., impl="auto")
+        reference.py, config.py, pallas_triton.py (forward, dq, dkv kernels), vjp.py
+      qla/              VISTA's quasi-linear attention over jagged histories with virtual seeds
+        api.py          qla(q, k, v, offsets, *, num_targets, causal=False, impl="auto", ...)
+        reference.py, config.py, pallas_triton.py (state, output and backward kernels), vjp.py
 
 Rule: callers run an op through its ``api`` entry point, choosing the implementation with ``impl``
 (``"pallas_triton"``, ``"xla"`` = the reference, or ``"auto"``: the kernel on a GPU, the reference
