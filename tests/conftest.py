@@ -5,6 +5,7 @@ skipped with a clear reason, so ``pytest`` on CPU runs everything else.
 """
 from __future__ import annotations
 
+import gc
 import os
 
 # Tests check semantics at full float32 precision and reproducibly: on a GPU, no TF32 matmuls and
@@ -16,6 +17,17 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop each test module's compiled programs after it. One pytest process compiles thousands of
+    XLA programs and the CPU backend maps memory for every executable it keeps; kept all, they
+    reach the kernel's per-process limit of memory maps (``vm.max_map_count``, 65,530 by default)
+    and a later compilation crashes the process (a segmentation fault inside XLA)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 def _has_gpu() -> bool:
