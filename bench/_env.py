@@ -28,6 +28,12 @@ def write_results(directory: str, stem: str, payload: dict, markdown: Optional[s
             f.write(markdown)
 
 
+def rel_err(a, b) -> float:
+    """Max abs difference of ``a`` from the reference ``b``, over ``b``'s max abs value (float32)."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
+
+
 def time_calls(fn: Callable[[], object], warmup: int = 3, repeats: int = 20) -> Dict[str, float]:
     """Median and spread (p10/p90, min) in seconds of ``fn()``, which must block until done."""
     for _ in range(warmup):

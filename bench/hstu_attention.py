@@ -38,7 +38,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from _env import RESULTS, environment, time_device_calls  # noqa: E402
+from _env import RESULTS, environment, rel_err, time_device_calls  # noqa: E402
 from pallas_kernels.hstu_attention.api import hstu_attention  # noqa: E402
 from pallas_kernels.hstu_attention.reference import NUM_POS_BUCKETS, NUM_TIME_BUCKETS  # noqa: E402
 
@@ -91,11 +91,6 @@ def cudnn_fns(x: dict):
         return jnp.sum(op(q, k, v).astype(jnp.float32) * dense(g).astype(jnp.float32))
 
     return jax.jit(op), jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
 
 
 def correctness(x: dict, rab: bool) -> Dict[str, float]:

@@ -49,7 +49,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from _env import RESULTS, environment, time_device_calls  # noqa: E402
+from _env import RESULTS, environment, rel_err, time_device_calls  # noqa: E402
 from pallas_kernels.qla.api import qla  # noqa: E402
 from pallas_kernels.qla.config import QlaConfig  # noqa: E402
 from pallas_kernels.qla.pallas_triton import KERNEL_NAMES, kernel_num_stages  # noqa: E402
@@ -100,11 +100,6 @@ def cudnn_fns(x: dict):
         return jnp.sum(op(q, k, v).astype(jnp.float32) * dense(g).astype(jnp.float32))
 
     return jax.jit(op), jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
 
 
 def correctness(x: dict, causal: bool, interpret: Optional[bool]) -> Dict[str, float]:
