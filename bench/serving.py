@@ -80,6 +80,7 @@ import argparse
 import collections
 import dataclasses
 import datetime
+import functools
 import gc
 import itertools
 import json
@@ -394,14 +395,16 @@ def _ms(x) -> str:
 
 
 def search_max_rate(ranker, pool, load: Load, *, batch: int, start: float, steps: int,
-                    budget: Budget, label: str) -> dict:
+                    budget: Budget, label: str, point: Optional[Callable[..., dict]] = None) -> dict:
     """Highest offered rate with p99 <= the SLO and nothing rejected or dropped (phases not
-    synchronized): grow by 1.6x until a rate fails, then bisect."""
+    synchronized): grow by 1.6x until a rate fails, then bisect. ``point``: how a load point is
+    run (default: :func:`run_point` on ``ranker`` and ``pool`` in this process)."""
+    point = point or functools.partial(run_point, ranker, pool)
     best, fail, rate, trials = None, None, float(start), []
     for _ in range(steps):
         if not budget.fits(load.point_s):
             break
-        r = run_point(ranker, pool, load, batch=batch, rate=rate, timing=False)
+        r = point(load, batch=batch, rate=rate, timing=False)
         trials.append(r)
         print(f"  search {label} batch {batch}: {rate:>10,.0f} cand/s -> p99 {_ms(r['e2e_ms']['p99'])} ms, "
               f"rejected {r['rejected_overloaded']}, dropped {r['dropped']}, "
@@ -779,6 +782,7 @@ def headline(result: dict) -> dict:
         "max_rate_p99_ms": (best.get("e2e_ms") or {}).get("p99"),
         "bottleneck_phase": bott.get("phase"), "cores_used_at_saturation": bott.get("cores_used"),
         "pipeline_depth": st["pipeline_depth"],
+        "frontend_processes": st.get("frontends", 0),
     }
 
 
@@ -1053,6 +1057,10 @@ class Settings:
     cg_steps: int
     cg_duration: float
     cg_max_s: float
+    frontends: int
+    part_requests: int
+    part_wait_ms: float
+    frontend_slots: int
 
     @property
     def stem(self) -> str:
@@ -1130,8 +1138,19 @@ def parse_settings(argv=None) -> Tuple[Settings, bool]:
     ap.add_argument("--cost-growth-duration", type=float, help="seconds per cell load point (default 1)")
     ap.add_argument("--cost-growth-max-s", type=float,
                     help="seconds for the whole cost growth table (default 170; --quick 45)")
+    ap.add_argument("--frontends", type=int, default=0,
+                    help="run 'all' behind this many front-end processes (transact_jax.serving."
+                         "frontend; search, phases and overload; 0: one process, the default)")
+    ap.add_argument("--part-requests", type=int, default=4,
+                    help="with --frontends: most requests a front end packs into one part")
+    ap.add_argument("--part-wait-ms", type=float, default=0.5,
+                    help="with --frontends: how long a part's first request waits for more")
+    ap.add_argument("--frontend-slots", type=int, default=32,
+                    help="with --frontends: parts each front end may have in flight")
     a = ap.parse_args(argv)
     q = a.quick
+    if a.frontends < 0 or a.part_requests < 1 or a.frontend_slots < 1 or a.part_wait_ms < 0:
+        ap.error("--frontends >= 0, --part-requests >= 1, --frontend-slots >= 1, --part-wait-ms >= 0")
 
     def pick(value, quick, full):
         return value if value is not None else (quick if q else full)
@@ -1163,7 +1182,8 @@ def parse_settings(argv=None) -> Tuple[Settings, bool]:
         cg_max_batch_tokens=pick(a.cost_growth_max_batch_tokens, 100_000, 4_000_000),
         cg_bucket_ratio=pick(a.cost_growth_bucket_ratio, 16, 4),
         cg_steps=pick(a.cost_growth_steps, 3, 4), cg_duration=pick(a.cost_growth_duration, 0.6, 1.0),
-        cg_max_s=pick(a.cost_growth_max_s, 45, 170))
+        cg_max_s=pick(a.cost_growth_max_s, 45, 170), frontends=a.frontends,
+        part_requests=a.part_requests, part_wait_ms=a.part_wait_ms, frontend_slots=a.frontend_slots)
     return s, a.replot
 
 
@@ -1196,6 +1216,7 @@ class ServingRun:
                          queue_s=s.queue_s, grace=s.grace, slo_ms=s.slo_ms, pipeline_depth=s.pipeline_depth)
         self.fig9_batch = 256 if 256 in s.batch_sizes else s.batch_sizes[len(s.batch_sizes) // 2]
         self.main_cell: dict = {}        # the main search and device-only row, for cost growth
+        self.frontends = None            # FrontEndLoad with --frontends
         print(f"device {env['device']}; L_LL {s.ll_len:,}, {s.cands} candidates/request, grid batch "
               f"sizes {s.batch_sizes}, search batch sizes {s.search_batches}, rates {s.rates} cand/s, "
               f"{s.duration} s per point, pipeline depth {s.pipeline_depth}; pool of {len(self.pool)} "
@@ -1262,6 +1283,31 @@ class ServingRun:
         print(f"warm-up {names}: {w['_compile']['executables']} executables compiled in "
               f"{w['_compile']['seconds']:.1f} s ({w['_compile']['threads']} threads)", flush=True)
 
+    def start_frontends(self) -> None:
+        """With ``--frontends P``: the engine host around 'all' and P front-end processes
+        (bench/_frontend_load.py); load points of 'all' then go through them."""
+        from _frontend_load import FrontEndLoad
+        s = self.s
+        t0 = time.perf_counter()
+        self.frontends = FrontEndLoad(
+            self.rankers["all"], s.frontends, ll_len=s.ll_len, cands=s.cands, dtype=s.dtype,
+            max_batch=max(s.search_batches), min_batch=min(s.search_batches),
+            part_requests=s.part_requests,
+            part_wait_s=s.part_wait_ms / 1e3, slots_per_frontend=s.frontend_slots)
+        self.result["frontends"] = dict(self.frontends.settings,
+                                        start_s=time.perf_counter() - t0,
+                                        slot_bytes=self.frontends.host.spec.slot_bytes,
+                                        slot_file=os.path.dirname(self.frontends.host.slots.path))
+        print(f"{s.frontends} front-end processes connected in {time.perf_counter() - t0:.1f} s "
+              f"(parts of <= {s.part_requests} requests, {s.part_wait_ms:g} ms wait)", flush=True)
+
+    def point_all(self, load: Load, **kw) -> dict:
+        """One load point of 'all': through the front-end processes when there are some, else
+        :func:`run_point` in this process."""
+        if self.frontends is not None:
+            return self.frontends.run_point(load, phases=PHASES, **kw)
+        return run_point(self.rankers["all"], self.pool, load, **kw)
+
     @property
     def max_rate(self) -> Tuple[float, Optional[int]]:
         """The searched max sustainable rate (0 if none) and its batch size."""
@@ -1289,7 +1335,7 @@ class ServingRun:
             start = s.search_start or (0.5 * dev if dev else (800 if s.quick else 60_000))
             searches.append(search_max_rate(self.rankers["all"], self.pool, self.load, batch=b,
                                             start=start, steps=s.search_steps, budget=self.budget,
-                                            label="'all'"))
+                                            label="'all'", point=self.point_all))
         best = max(searches, key=lambda x: x["max_candidates_per_s"])
         best["all_batch_sizes"] = {str(x["batch"]): x["max_candidates_per_s"] for x in searches}
         best["other_batch_sizes"] = {str(x["batch"]): [_trial_summary(t) for t in x["trials"]]
@@ -1302,7 +1348,7 @@ class ServingRun:
         rate, batch = self.max_rate
         if not rate:
             raise RuntimeError("no sustained rate was found: nothing to time")
-        r = run_point(self.rankers["all"], self.pool, self.load, batch=batch, rate=rate, timing=True)
+        r = self.point_all(self.load, batch=batch, rate=rate, timing=True)
         keys = PHASES + ("e2e",)
         r["summary_ms"] = {k: {q: r[f"{k}_ms"][q] for q in ("p50", "p99")} for k in keys}
         self.result["phases_at_max_rate"] = r
@@ -1331,8 +1377,8 @@ class ServingRun:
         if not rate:
             raise RuntimeError("no sustained rate was found: no overload to offer")
         admission = self.s.admission_frac * self.s.slo_ms / 1e3
-        r = run_point(self.rankers["all"], self.pool, self.load, batch=batch, rate=OVERLOAD * rate,
-                      timing=False, admission_delay_s=admission)
+        r = self.point_all(self.load, batch=batch, rate=OVERLOAD * rate, timing=False,
+                           admission_delay_s=admission)
         self.result["overload_2x"] = r
         lacks = f"; engine lacks {r['engine_lacks']}" if "engine_lacks" in r else ""
         print(f"  2x overload {OVERLOAD * rate:,.0f} cand/s, max_queue_delay {admission * 1e3:g} ms: "
@@ -1378,6 +1424,24 @@ class ServingRun:
             self.report.save()
         result["figure9_reduction_baseline_over_all"] = figure9(result["grid"], self.fig9_batch, s.ref_rate)
 
+    def measure_all(self) -> None:
+        """Search, phases, timeline and overload of 'all' (front ends closed at the end), then
+        cost growth (always in this process)."""
+        load = self.load
+        try:
+            self.report.phase("search", self.search)
+            self.optional("phases", "phases_at_max_rate", self.phases, load.point_s)
+            if self.frontends is None:
+                self.optional("timeline", "timeline", self.timeline, self.s.timeline_s + 0.5 * load.grace)
+            else:
+                self.result["skipped"]["timeline"] = "--frontends: the timeline traces the one-process engine"
+            self.optional("overload", "overload_2x", self.overload, load.point_s)
+        finally:
+            if self.frontends is not None:
+                self.frontends.close()
+                self.frontends = None
+        self.optional("cost_growth", "cost_growth", self.cost_growth)
+
     # ----------------------------------------------------------------------------------- run
     def run(self) -> dict:
         report, load = self.report, self.load
@@ -1385,11 +1449,12 @@ class ServingRun:
         if "all" in self.rankers:
             report.phase("warmup_all", lambda: self.warm(["all"]))
             self.optional("device_only", "device_only", self.device_only)
-            report.phase("search", self.search)
-            self.optional("phases", "phases_at_max_rate", self.phases, load.point_s)
-            self.optional("timeline", "timeline", self.timeline, self.s.timeline_s + 0.5 * load.grace)
-            self.optional("overload", "overload_2x", self.overload, load.point_s)
-            self.optional("cost_growth", "cost_growth", self.cost_growth)
+            if self.s.frontends:
+                report.phase("frontends", self.start_frontends)
+            if self.s.frontends and self.frontends is None:
+                self.result["skipped"]["search"] = "--frontends: the front ends did not start (errors)"
+            else:
+                self.measure_all()
         self.optional("grid", "grid", self.grid)
         report.save()
         report.plot()

@@ -52,7 +52,13 @@ from multiprocessing.connection import Client, Connection, Listener
 from typing import Dict, List, Optional, Tuple
 
 from transact_jax.data.schema import RequestBatch
-from transact_jax.serving.batcher import BatcherClosed, BatcherConfig, DynamicBatcher, Overloaded
+from transact_jax.serving.batcher import (
+    BatcherClosed,
+    BatcherConfig,
+    DynamicBatcher,
+    Overloaded,
+    RequestTiming,
+)
 from transact_jax.serving.shared_slots import SlotArray, SlotError, SlotSpec
 from transact_jax.serving.validation import RequestError, validate_request
 
@@ -80,18 +86,23 @@ class HostConfig:
       max_frontends: front ends connected at once (each gets ``slots_per_frontend`` slots).
       slots_per_frontend: parts one front end may have in flight.
       part_requests: most requests per part (the slots' request capacity).
+      part_candidates: most candidates per part (the slots' candidate capacity; None: the
+        batcher's ``max_batch_candidates``). A batching policy set later must allow at least this.
       directory: folder of the shared slot file (default: ``/dev/shm`` when it has room).
     """
 
     max_frontends: int = 8
     slots_per_frontend: int = 32
     part_requests: int = 8
+    part_candidates: Optional[int] = None
     directory: Optional[str] = None
 
     def __post_init__(self):
         for name in ("max_frontends", "slots_per_frontend", "part_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"HostConfig.{name}: need >= 1, got {getattr(self, name)}")
+        if self.part_candidates is not None and self.part_candidates < 1:
+            raise ValueError(f"HostConfig.part_candidates: need None or >= 1, got {self.part_candidates}")
 
 
 def _error_kind(exc: BaseException) -> str:
@@ -147,15 +158,22 @@ class EngineHost:
       batcher: the dynamic batching policy (its ``validate`` is turned off: front ends validate).
       config: :class:`HostConfig`.
       address: socket path (default: a fresh one in a private temporary folder).
+      record_timings: keep every scored part's :class:`~.batcher.RequestTiming` for
+        :meth:`take_timings` (benchmarks; phases are timed when the batcher's ``timing`` is on).
     """
 
     def __init__(self, ranker, batcher: Optional[BatcherConfig] = None,
-                 config: Optional[HostConfig] = None, address: Optional[str] = None):
+                 config: Optional[HostConfig] = None, address: Optional[str] = None,
+                 record_timings: bool = False):
         self.ranker = ranker
         self.config = config or HostConfig()
         batcher = dataclasses.replace(batcher or BatcherConfig(), validate=False)
+        part_candidates = self.config.part_candidates or batcher.max_batch_candidates
+        if part_candidates > batcher.max_batch_candidates:
+            raise ValueError(f"HostConfig.part_candidates: {part_candidates} exceeds the batcher's "
+                             f"max_batch_candidates {batcher.max_batch_candidates}")
         self.spec = SlotSpec.for_config(ranker.feat, ranker.sel, self.config.part_requests,
-                                        batcher.max_batch_candidates)
+                                        part_candidates)
         count = self.config.max_frontends * self.config.slots_per_frontend
         self.slots = SlotArray.create(self.spec, count, self.config.directory)
         self._batcher = DynamicBatcher(ranker, batcher)
@@ -164,6 +182,7 @@ class EngineHost:
         self._free_ranges = list(range(self.config.max_frontends))
         self._peers: Dict[int, _Peer] = {}
         self._threads: List[threading.Thread] = []
+        self._timings: Optional[List[RequestTiming]] = [] if record_timings else None
         self._tmp = tempfile.mkdtemp(prefix="transact_jax_engine_")
         authkey = os.urandom(32)
         self.address = EngineAddress(address or os.path.join(self._tmp, "engine.sock"), authkey)
@@ -182,7 +201,9 @@ class EngineHost:
         return self._batcher
 
     def set_batcher(self, config: BatcherConfig) -> None:
-        """Use a new batching policy from now on (the old batcher drains what it holds)."""
+        """Use a new batching policy from now on (the old batcher drains what it holds). Call it
+        between loads: a part arriving while the batchers are swapped may be answered
+        :class:`~.batcher.BatcherClosed`."""
         new = DynamicBatcher(self.ranker, dataclasses.replace(config, validate=False))
         if new.config.max_batch_candidates < self.spec.candidates:
             new.close()
@@ -190,6 +211,14 @@ class EngineHost:
                              f"slots' {self.spec.candidates} candidates; build a new EngineHost")
         old, self._batcher = self._batcher, new
         old.close(drain=True)
+
+    def take_timings(self) -> List[RequestTiming]:
+        """The timings of the parts scored since the last call (``record_timings``), oldest first."""
+        with self._lock:
+            if self._timings is None:
+                raise RuntimeError("take_timings: build the EngineHost with record_timings=True")
+            out, self._timings = self._timings, []
+        return out
 
     def connected(self) -> int:
         """Front ends connected now."""
@@ -302,6 +331,9 @@ class EngineHost:
                 self.slots.write_result(slot, future.result())
                 timing = getattr(future, "timing", None)
                 msg = ("done", slot, token, timing.batch_candidates if timing else 0)
+                if timing is not None and self._timings is not None:
+                    with self._lock:
+                        self._timings.append(timing)
             except BaseException as e:  # noqa: BLE001
                 msg = ("error", slot, token, "failed", f"writing the result: {e}")
         else:
