@@ -27,6 +27,11 @@ Pieces, one module each:
   and byte accounting.
 * :mod:`.batcher` - :class:`DynamicBatcher`: thread-safe dynamic batching with per-request futures,
   back-pressure and clean shutdown.
+* :mod:`.shared_slots` and :mod:`.frontend` - serving from several processes: front-end processes
+  validate and pack requests into shared-memory slots, one :class:`~.frontend.EngineHost` process
+  batches and scores them on the device.
+* :mod:`.summary_store` - per-user summaries (SQLite embedded, or Redis) for models that serve a
+  cached summary of the history.
 """
 from transact_jax.serving.batcher import (
     BatcherClosed,
