@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import time
 from typing import Dict, List, Optional
 
@@ -31,6 +32,34 @@ from transact_jax.serving.frontend import EngineAddress, EngineHost, FrontEnd, F
 def _cpu_seconds() -> float:
     t = os.times()
     return t.user + t.system
+
+
+def thread_cpu_seconds() -> Dict[str, float]:
+    """CPU seconds (user + system) of every thread of this process so far, by name: the Python
+    thread's name where there is one, else the kernel's (``/proc/self/task/*/comm``: XLA's own
+    threads); equal names get ``#k`` suffixes. Empty where ``/proc`` is missing."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: Dict[str, float] = {}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue                      # the thread ended meanwhile
+        name = names.get(int(tid), comm)
+        key, k = name, 1
+        while key in out:
+            k += 1
+            key = f"{name}#{k}"
+        out[key] = (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def _front_end_main(address: EngineAddress, spec: dict, conn) -> None:
@@ -95,7 +124,7 @@ def _run(fe: FrontEnd, pool, cands: int, rate: float, duration: float, grace: fl
     t_last = max((f.t_done for _, f in submitted if f.done() and f.t_done), default=t_end)
     return {"requests": n, "completed": len(e2e), "rejected_overloaded": rejected,
             "dropped": n - len(e2e) - rejected, "e2e_s": e2e, "lag_s": lag, "batch": batch,
-            "t0": t0, "t_last": t_last, "cpu_s": _cpu_seconds() - cpu0,
+            "t0": t0, "t_end": t_end, "t_last": t_last, "cpu_s": _cpu_seconds() - cpu0,
             "wall_s": time.perf_counter() - wall0, "offered_s": float(schedule[-1]) if n > 1 else duration}
 
 
@@ -166,11 +195,12 @@ class FrontEndLoad:
             max_queue_candidates=max(batch, int(rate * load.queue_s)), pipeline_depth=load.pipeline_depth,
             timing=timing, max_queue_delay_s=admission_delay_s))
         self.host.take_timings()
-        cpu0 = _cpu_seconds()
+        cpu0, threads0 = _cpu_seconds(), thread_cpu_seconds()
         for i, c in enumerate(self.conns):
             c.send(("run", rate / self.count, load.duration, load.grace, seed * 1000 + i))
         rows = [self._expect(c, "result", load.duration + load.grace + 120) for c in self.conns]
         host_cpu = _cpu_seconds() - cpu0
+        threads1 = thread_cpu_seconds()
         e2e = [x for r in rows for x in r["e2e_s"]]
         n = sum(r["requests"] for r in rows)
         rejected = sum(r["rejected_overloaded"] for r in rows)
@@ -191,6 +221,10 @@ class FrontEndLoad:
             "mean_batch_candidates": float(np.mean(batches)) if batches else 0.0,
             "cpu_cores_used": (host_cpu + sum(r["cpu_s"] for r in rows)) / wall,
             "cpu_cores_used_engine_process": host_cpu / wall,
+            "engine_thread_cores": dict(sorted(
+                ((k, (v - threads0.get(k, 0.0)) / wall) for k, v in threads1.items()
+                 if v - threads0.get(k, 0.0) > 0), key=lambda kv: -kv[1])[:16]),
+            "window_perf_s": [t0, max(r["t_end"] for r in rows)],
         }
         parts = self.host.take_timings()       # per part: its batch's phases, as in run_point
         for phase in phases:

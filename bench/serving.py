@@ -1217,6 +1217,7 @@ class ServingRun:
         self.fig9_batch = 256 if 256 in s.batch_sizes else s.batch_sizes[len(s.batch_sizes) // 2]
         self.main_cell: dict = {}        # the main search and device-only row, for cost growth
         self.frontends = None            # FrontEndLoad with --frontends
+        self.frontend_tracer: Optional[TracedRanker] = None
         print(f"device {env['device']}; L_LL {s.ll_len:,}, {s.cands} candidates/request, grid batch "
               f"sizes {s.batch_sizes}, search batch sizes {s.search_batches}, rates {s.rates} cand/s, "
               f"{s.duration} s per point, pipeline depth {s.pipeline_depth}; pool of {len(self.pool)} "
@@ -1289,8 +1290,9 @@ class ServingRun:
         from _frontend_load import FrontEndLoad
         s = self.s
         t0 = time.perf_counter()
+        self.frontend_tracer = TracedRanker(self.rankers["all"])   # for the timeline phase
         self.frontends = FrontEndLoad(
-            self.rankers["all"], s.frontends, ll_len=s.ll_len, cands=s.cands, dtype=s.dtype,
+            self.frontend_tracer, s.frontends, ll_len=s.ll_len, cands=s.cands, dtype=s.dtype,
             max_batch=max(s.search_batches), min_batch=min(s.search_batches),
             part_requests=s.part_requests,
             part_wait_s=s.part_wait_ms / 1e3, slots_per_frontend=s.frontend_slots)
@@ -1363,14 +1365,22 @@ class ServingRun:
         rate = SATURATION * rate if rate else (dev or 0)
         if not rate:
             raise RuntimeError("neither a sustained rate nor a device-only capacity to saturate")
-        tracer = TracedRanker(self.rankers["all"])
-        point = run_point(tracer, self.pool, dataclasses.replace(self.load, duration=self.s.timeline_s),
-                          batch=batch, rate=rate, timing=True)
+        load = dataclasses.replace(self.load, duration=self.s.timeline_s)
+        if self.frontends is not None:   # the engine host's Ranker is traced all along
+            tracer = self.frontend_tracer
+            tracer.records.clear()
+            point = self.point_all(load, batch=batch, rate=rate, timing=True)
+        else:
+            tracer = TracedRanker(self.rankers["all"])
+            point = run_point(tracer, self.pool, load, batch=batch, rate=rate, timing=True)
         self.result["timeline"], self.result["bottleneck"] = timeline_of(tracer, point)
         b = self.result["bottleneck"]
         print(f"  timeline at {rate:,.0f} cand/s: {self.result['timeline']['batches']} batches on "
               f"{b['worker_threads']} threads; bottleneck {b['phase']} ({b['share_of_wall']:.0%} of "
               f"wall); {b['cores_used']:.2f} cores used", flush=True)
+        if point.get("engine_thread_cores"):
+            print("  engine process threads (cores): " + ", ".join(
+                f"{k} {v:.2f}" for k, v in list(point["engine_thread_cores"].items())[:8]), flush=True)
 
     def overload(self) -> None:
         rate, batch = self.max_rate
@@ -1431,10 +1441,7 @@ class ServingRun:
         try:
             self.report.phase("search", self.search)
             self.optional("phases", "phases_at_max_rate", self.phases, load.point_s)
-            if self.frontends is None:
-                self.optional("timeline", "timeline", self.timeline, self.s.timeline_s + 0.5 * load.grace)
-            else:
-                self.result["skipped"]["timeline"] = "--frontends: the timeline traces the one-process engine"
+            self.optional("timeline", "timeline", self.timeline, self.s.timeline_s + 0.5 * load.grace)
             self.optional("overload", "overload_2x", self.overload, load.point_s)
         finally:
             if self.frontends is not None:
