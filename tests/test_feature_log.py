@@ -144,9 +144,9 @@ def test_few_open_maps(tmp_path, examples):
     log = FeatureLog(tmp_path / "log", max_open_shards=2)
     idx = np.random.default_rng(1).permutation(len(examples))
     assert_same(log.read(idx), examples.select(idx))
-    assert len(log._open) == 2
+    assert len(log._maps.open_maps) == 2
     log.close()
-    assert len(log._open) == 0
+    assert len(log._maps.open_maps) == 0
     assert_same(log.read(idx[:9]), examples.select(idx[:9]))  # maps again after close()
 
 

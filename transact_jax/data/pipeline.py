@@ -3,7 +3,9 @@
 The source is any :class:`~transact_jax.data.source.ExampleSource` (a
 :class:`~transact_jax.data.feature_log.FeatureLog` on disk,
 :class:`~transact_jax.data.source.InMemoryExamples`, or anything else with the configs, ``len`` and
-``read(indices)``). The pipeline shuffles and batches example
+``read(indices)``). A :class:`~transact_jax.data.request_log.RequestLog` is such a source too: its
+"examples" are requests, and its batches are labelled ``RequestBatch`` es (each request's full
+sequences with all its candidates; ``batch_size`` counts requests). The pipeline shuffles and batches example
 *indices*, then turns each batch of indices into a :class:`~transact_jax.data.schema.TrainingExamples`
 batch with one vectorized gather (``source.read(indices)``), never one read per example::
 
@@ -59,9 +61,11 @@ class GrainSource:
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> Dict[str, np.ndarray]:
-        batch = self.source.read(np.array([index], np.int64)).columns()
-        return {name: a[0] for name, a in batch.items()}
+    def __getitem__(self, index: int) -> Union[Dict[str, np.ndarray], Any]:
+        batch = self.source.read(np.array([index], np.int64))
+        if not isinstance(batch, TrainingExamples):   # e.g. a RequestLog: a one-request batch
+            return batch
+        return {name: a[0] for name, a in batch.columns().items()}
 
     def read_batch(self, indices: Union[Sequence[int], np.ndarray]) -> TrainingExamples:
         """Examples at ``indices``, in that order, in one gather."""

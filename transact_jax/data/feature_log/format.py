@@ -6,12 +6,14 @@ durable file writes (:func:`_write_file`, :func:`_fsync_dir`) the writer uses.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
 import struct
+import threading
 import zlib
-from typing import Any, BinaryIO, Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -43,11 +45,32 @@ def sibling_prefix(path: str, tag: str) -> str:
     return f".{os.path.basename(os.path.normpath(path))}.{tag}-"
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardFormat:
+    """What tells one kind of columnar log apart (the feature log; the request log of
+    :mod:`transact_jax.data.request_log` shares this shard encoding): its name in messages, the
+    shard magic and format version, how to get a log of this version, and its error class."""
+
+    what: str
+    magic: bytes
+    version: int
+    regenerate: str
+    error: type
+
+    def version_problem(self, found: Any) -> str:
+        """The message for a manifest or shard of another format version."""
+        return (f"format version {found!r}, but this transact-jax reads {self.what}s of version "
+                f"{self.version} only: {self.regenerate}")
+
+
+FEATURE_LOG = ShardFormat("feature log", MAGIC, FORMAT_VERSION,
+                          "regenerate the log with this version (e.g. python -m transact_jax "
+                          "generate / data, or FeatureLogWriter)", FeatureLogError)
+
+
 def version_problem(found: Any) -> str:
-    """The message for a manifest or shard of another format version."""
-    return (f"format version {found!r}, but this transact-jax reads feature logs of version "
-            f"{FORMAT_VERSION} only: regenerate the log with this version (e.g. python -m "
-            f"transact_jax generate / data, or FeatureLogWriter)")
+    """The message for a feature log manifest or shard of another format version."""
+    return FEATURE_LOG.version_problem(found)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -68,13 +91,14 @@ def _column_table(feat: FeatureConfig, sel: SelectionConfig) -> List[Dict[str, A
             for name, (dtype, shape) in TrainingExamples.column_specs(feat, sel).items()]
 
 
-def _stored_config(cls, manifest: Mapping[str, Any], key: str, manifest_path: str):
-    """The config stored under ``key``; a bad one raises FeatureLogError naming the manifest and the
+def _stored_config(cls, manifest: Mapping[str, Any], key: str, manifest_path: str,
+                   error: type = FeatureLogError):
+    """The config stored under ``key``; a bad one raises ``error`` naming the manifest and the
     config field (``"selection_config.k_ll: ..."``)."""
     try:
         return config_from_dict(cls, manifest.get(key), key)
     except ConfigError as e:
-        raise FeatureLogError(manifest_path, f"{e.field}: {e.problem}") from e
+        raise error(manifest_path, f"{e.field}: {e.problem}") from e
 
 
 def _check_config(stored, given, prefix: str, log_path: str) -> None:
@@ -86,8 +110,49 @@ def _check_config(stored, given, prefix: str, log_path: str) -> None:
     for f in dataclasses.fields(stored):
         want, got = getattr(stored, f.name), getattr(given, f.name)
         if want != got:
-            raise SchemaError(f"{prefix}.{f.name}", f"the feature log {log_path} was written with "
+            raise SchemaError(f"{prefix}.{f.name}", f"the log {log_path} was written with "
                               f"{want!r}, but {got!r} was given")
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """A log's checked manifest: its file ``path``, the parsed ``data``, the ``log_id`` and the
+    stored configs."""
+
+    path: str
+    data: Dict[str, Any]
+    log_id: str
+    feat: FeatureConfig
+    sel: SelectionConfig
+
+
+def load_manifest(log_path: str, format_name: str, fmt: ShardFormat, missing: Callable[[], str],
+                  feat: Optional[FeatureConfig] = None,
+                  sel: Optional[SelectionConfig] = None) -> Manifest:
+    """Read and check ``log_path``'s manifest: JSON, ``format_name``, ``fmt``'s version, a log id,
+    the stored configs (equal to ``feat`` / ``sel`` where given, else a SchemaError names the
+    field). ``missing()``: the message when there is no manifest."""
+    manifest_path = os.path.join(log_path, MANIFEST)
+    err = fmt.error
+    try:
+        with open(manifest_path, "rb") as f:
+            data = json.loads(f.read())
+    except FileNotFoundError as e:
+        raise err(manifest_path, missing()) from e
+    except ValueError as e:
+        raise err(manifest_path, f"not valid JSON: {e}") from e
+    if not isinstance(data, dict) or data.get("format") != format_name:
+        raise err(manifest_path, f"not a {fmt.what} manifest (format != {format_name!r})")
+    if data.get("version") != fmt.version:
+        raise err(manifest_path, fmt.version_problem(data.get("version")))
+    log_id = data.get("log_id")
+    if not isinstance(log_id, str) or not log_id:
+        raise err(manifest_path, f"bad log_id {log_id!r}")
+    stored_feat = _stored_config(FeatureConfig, data, "feature_config", manifest_path, err)
+    stored_sel = _stored_config(SelectionConfig, data, "selection_config", manifest_path, err)
+    _check_config(stored_feat, feat, "feature_config", log_path)
+    _check_config(stored_sel, sel, "selection_config", log_path)
+    return Manifest(manifest_path, data, log_id, stored_feat, stored_sel)
 
 
 def _write_file(path: str, chunks: Sequence) -> None:
@@ -136,11 +201,20 @@ class EncodedShard:
 def encode_shard(examples: TrainingExamples, feat: FeatureConfig, sel: SelectionConfig, *,
                  log_id: str, index: int) -> EncodedShard:
     """Serialize ``examples`` as shard number ``index`` of the log ``log_id`` (format: package doc)."""
-    n = len(examples)
     cols = examples.columns()
+    return encode_columns([(spec, cols[spec["name"]]) for spec in _column_table(feat, sel)],
+                          {"log_id": log_id, "shard": int(index), "num_examples": len(examples)},
+                          FEATURE_LOG)
+
+
+def encode_columns(columns: Sequence[Tuple[Mapping[str, Any], np.ndarray]], header: Mapping[str, Any],
+                   fmt: ShardFormat) -> EncodedShard:
+    """Serialize ``(spec, array)`` columns (``spec``: ``name``, little-endian ``dtype``, per-row
+    ``shape``; every key is copied into the header's column entry) and the header fields ``header``
+    (identity and counts) as one shard of format ``fmt`` (layout: package doc)."""
     arrays, entries = [], []
-    for spec in _column_table(feat, sel):
-        a = np.ascontiguousarray(cols[spec["name"]], dtype=np.dtype(spec["dtype"]))
+    for spec, array in columns:
+        a = np.ascontiguousarray(array, dtype=np.dtype(spec["dtype"]))
         a = a.reshape(-1).view(np.uint8)  # raw bytes (buffer protocol, no copy)
         arrays.append(a)
         entries.append({**spec, "offset": 0, "nbytes": int(a.nbytes), "crc32": zlib.crc32(a)})
@@ -152,13 +226,13 @@ def encode_shard(examples: TrainingExamples, feat: FeatureConfig, sel: Selection
             e["offset"] = offset
             offset = _align(offset + e["nbytes"])
         end = entries[-1]["offset"] + entries[-1]["nbytes"]
-        header = json.dumps({"log_id": log_id, "shard": int(index), "num_examples": n, "nbytes": end,
-                             "columns": entries}, separators=(",", ":")).encode()
-        needed = _align(_PREFIX.size + len(header))
+        head_json = json.dumps({**header, "nbytes": end, "columns": entries},
+                               separators=(",", ":")).encode()
+        needed = _align(_PREFIX.size + len(head_json))
         if needed <= data_start:
             break
         data_start = needed
-    head = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header), zlib.crc32(header), 0) + header
+    head = _PREFIX.pack(fmt.magic, fmt.version, len(head_json), zlib.crc32(head_json), 0) + head_json
     head += b"\x00" * (data_start - len(head))
     chunks: List[Any] = []
     pos = data_start
@@ -184,52 +258,57 @@ class _Shard:
     """
 
     def __init__(self, path: str, entry: Mapping[str, Any], columns: Sequence[Mapping[str, Any]],
-                 verify: str, log_id: str, index: int):
+                 verify: str, log_id: str, index: int, fmt: ShardFormat = FEATURE_LOG,
+                 rows: Optional[Mapping[str, int]] = None):
+        """``fmt``: the kind of log; ``rows``: each column's leading length where it is not the
+        shard's ``num_examples`` (the request log's token and candidate columns)."""
         self.path = path
         self.num_examples = n = int(entry["num_examples"])
+        err, what = fmt.error, fmt.what
+        self._error = err
         try:
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())
                 size, self._file_id = st.st_size, (st.st_dev, st.st_ino)
                 prefix = f.read(_PREFIX.size)
                 if len(prefix) < _PREFIX.size:
-                    raise FeatureLogError(path, f"truncated: {size} bytes, shorter than the "
+                    raise err(path, f"truncated: {size} bytes, shorter than the "
                                           f"{_PREFIX.size}-byte shard prefix")
                 magic, version, hlen, hcrc, _ = _PREFIX.unpack(prefix)
-                if magic != MAGIC:
-                    raise FeatureLogError(path, f"bad magic {magic!r}: not a feature log shard")
-                if version != FORMAT_VERSION:
-                    raise FeatureLogError(path, f"shard {version_problem(version)}")
+                if magic != fmt.magic:
+                    raise err(path, f"bad magic {magic!r}: not a {what} shard")
+                if version != fmt.version:
+                    raise err(path, f"shard {fmt.version_problem(version)}")
                 header_bytes = f.read(hlen)
         except OSError as e:
-            raise FeatureLogError(path, f"cannot open shard listed in the manifest: {e}") from e
+            raise err(path, f"cannot open shard listed in the manifest: {e}") from e
         if verify != "none" and size != entry["nbytes"]:
             what = "truncated" if size < entry["nbytes"] else "has trailing bytes"
-            raise FeatureLogError(path, f"{what}: file has {size} bytes, the manifest says "
+            raise err(path, f"{what}: file has {size} bytes, the manifest says "
                                   f"{entry['nbytes']}")
         if len(header_bytes) < hlen:
-            raise FeatureLogError(path, f"truncated: the {hlen}-byte header runs past the end of "
+            raise err(path, f"truncated: the {hlen}-byte header runs past the end of "
                                   f"the {size}-byte file")
         if verify != "none" and zlib.crc32(header_bytes) != hcrc:
-            raise FeatureLogError(path, "corrupt header: CRC-32 mismatch")
+            raise err(path, "corrupt header: CRC-32 mismatch")
         try:
             header = json.loads(header_bytes)
             stored = {c["name"]: c for c in header["columns"]}
             header_n = int(header["num_examples"])
         except (ValueError, TypeError, KeyError) as e:
-            raise FeatureLogError(path, f"corrupt header: {e}") from e
+            raise err(path, f"corrupt header: {e}") from e
         if header.get("log_id") != log_id:
-            raise FeatureLogError(path, f"belongs to another feature log (log id "
+            raise err(path, f"belongs to another {what} (log id "
                                   f"{header.get('log_id')!r}, this log's is {log_id!r}): a shard "
                                   f"copied or moved from another log, or the log was replaced "
                                   f"while it was open (open it again)")
         if header.get("shard") != index:
-            raise FeatureLogError(path, f"is shard {header.get('shard')!r} of its log, the manifest "
+            raise err(path, f"is shard {header.get('shard')!r} of its log, the manifest "
                                   f"lists it as shard {index}")
         if header_n != n:
-            raise FeatureLogError(path, f"header says {header_n} examples, the manifest says {n}")
+            raise err(path, f"header says {header_n} examples, the manifest says {n}")
         if verify != "none" and header.get("nbytes") != size:
-            raise FeatureLogError(path, f"header says the file has {header.get('nbytes')} bytes, "
+            raise err(path, f"header says the file has {header.get('nbytes')} bytes, "
                                   f"it has {size}")
         # name -> (dtype, shape, offset, nbytes, crc32 from the manifest)
         self.layout: Dict[str, Tuple[np.dtype, Tuple[int, ...], int, int, int]] = {}
@@ -237,28 +316,28 @@ class _Shard:
             name = spec["name"]
             c = stored.get(name)
             if c is None:
-                raise FeatureLogError(path, f"column {name!r} is missing")
+                raise err(path, f"column {name!r} is missing")
             if c.get("dtype") != spec["dtype"] or list(c.get("shape", ())) != list(spec["shape"]):
-                raise FeatureLogError(path, f"column {name!r} is {c.get('dtype')} "
+                raise err(path, f"column {name!r} is {c.get('dtype')} "
                                       f"{c.get('shape')}, the manifest says {spec['dtype']} "
                                       f"{spec['shape']}")
             dtype = np.dtype(spec["dtype"])
-            shape = (n,) + tuple(spec["shape"])
+            shape = (n if rows is None else int(rows.get(name, n)),) + tuple(spec["shape"])
             try:
                 offset, nbytes, header_crc = int(c["offset"]), int(c["nbytes"]), int(c["crc32"])
             except (KeyError, TypeError, ValueError) as e:
-                raise FeatureLogError(path, f"corrupt header: column {name!r}: {e}") from e
+                raise err(path, f"corrupt header: column {name!r}: {e}") from e
             if verify != "none" and header_crc != crc:
-                raise FeatureLogError(path, f"column {name!r}: the header's CRC-32 {header_crc} is "
+                raise err(path, f"column {name!r}: the header's CRC-32 {header_crc} is "
                                       f"not the manifest's {crc}")
             expect = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             if nbytes != expect:
-                raise FeatureLogError(path, f"column {name!r} has {nbytes} bytes, {shape} of "
+                raise err(path, f"column {name!r} has {nbytes} bytes, {shape} of "
                                       f"{dtype} needs {expect}")
             if offset % ALIGN or offset < _PREFIX.size + hlen:
-                raise FeatureLogError(path, f"column {name!r} has a bad offset {offset}")
+                raise err(path, f"column {name!r} has a bad offset {offset}")
             if offset + nbytes > size:
-                raise FeatureLogError(path, f"truncated: column {name!r} ends at byte "
+                raise err(path, f"truncated: column {name!r} ends at byte "
                                       f"{offset + nbytes}, the file has {size}")
             self.layout[name] = (dtype, shape, offset, nbytes, crc)
 
@@ -268,11 +347,11 @@ class _Shard:
         try:
             f = open(self.path, "rb", **kw)
         except OSError as e:
-            raise FeatureLogError(self.path, f"cannot open shard listed in the manifest: {e}") from e
+            raise self._error(self.path, f"cannot open shard listed in the manifest: {e}") from e
         st = os.fstat(f.fileno())
         if (st.st_dev, st.st_ino) != self._file_id:
             f.close()
-            raise FeatureLogError(self.path, "is no longer the file checked when the log was "
+            raise self._error(self.path, "is no longer the file checked when the log was "
                                   "opened: the log was replaced while it was open (open it again)")
         return f
 
@@ -282,10 +361,10 @@ class _Shard:
             try:
                 raw = np.memmap(f, dtype=np.uint8, mode="r")
             except (OSError, ValueError) as e:
-                raise FeatureLogError(self.path, f"cannot memory-map: {e}") from e
+                raise self._error(self.path, f"cannot memory-map: {e}") from e
         end = max(off + nb for _, _, off, nb, _ in self.layout.values())
         if raw.size < end:  # changed on disk since the header was checked
-            raise FeatureLogError(self.path, f"truncated: {raw.size} bytes, the columns need {end}")
+            raise self._error(self.path, f"truncated: {raw.size} bytes, the columns need {end}")
         return {name: raw[off:off + nb].view(dtype).reshape(shape)
                 for name, (dtype, shape, off, nb, _) in self.layout.items()}
 
@@ -300,9 +379,62 @@ class _Shard:
                 while left:
                     k = f.readinto(view[:min(_VERIFY_CHUNK, left)])
                     if not k:
-                        raise FeatureLogError(self.path, f"truncated inside column {name!r}")
+                        raise self._error(self.path, f"truncated inside column {name!r}")
                     got = zlib.crc32(view[:k], got)
                     left -= k
                 if got != crc:
-                    raise FeatureLogError(self.path, f"corrupt data: CRC-32 mismatch in column "
+                    raise self._error(self.path, f"corrupt data: CRC-32 mismatch in column "
                                           f"{name!r}")
+
+
+class ShardMaps:
+    """The shards of one log, opened on demand: each built (header checked) once by ``make(i)``, its
+    data checked against its CRC-32s the first time it is read unless ``verify == "none"``, and at
+    most ``max_open`` memory maps kept open (least recently used dropped; arrays already handed out
+    keep their map alive). Thread-safe."""
+
+    def __init__(self, make: Callable[[int], "_Shard"], count: int, verify: str, max_open: int):
+        if max_open < 1:
+            raise ValueError(f"max_open_shards: must be >= 1, got {max_open}")
+        self._make = make
+        self.max_open = int(max_open)
+        self._shards: List[Optional[_Shard]] = [None] * count
+        self._verified = [verify == "none"] * count  # "none": never checked
+        self._verify_locks = [threading.Lock() for _ in range(count)]
+        self.open_maps: "collections.OrderedDict[int, Dict[str, np.ndarray]]" = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def shard(self, i: int) -> "_Shard":
+        shard = self._shards[i]
+        if shard is None:
+            shard = self._shards[i] = self._make(i)
+        return shard
+
+    def verify(self, i: int, again: bool = False) -> None:
+        """Check shard ``i``'s data against its CRC-32s once (``again``: even if already done)."""
+        if self._verified[i] and not again:
+            return
+        with self._verify_locks[i]:  # one thread verifies; others reading this shard wait for it
+            if again or not self._verified[i]:
+                self.shard(i).verify_data()
+                self._verified[i] = True
+
+    def columns(self, i: int) -> Dict[str, np.ndarray]:
+        """Memory-mapped columns of shard ``i``, its data verified first (class docstring)."""
+        with self._lock:
+            cols = self.open_maps.get(i)
+            if cols is not None:
+                self.open_maps.move_to_end(i)
+                return cols
+        self.verify(i)
+        cols = self.shard(i).open()  # outside the lock; a racing duplicate map is harmless
+        with self._lock:
+            self.open_maps[i] = cols
+            self.open_maps.move_to_end(i)
+            while len(self.open_maps) > self.max_open:
+                self.open_maps.popitem(last=False)
+        return cols
+
+    def close(self) -> None:
+        with self._lock:
+            self.open_maps.clear()

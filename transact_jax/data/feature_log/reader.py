@@ -7,10 +7,8 @@ first time it is read (:meth:`FeatureLog.read`), and every batch read for values
 """
 from __future__ import annotations
 
-import collections
 import json
 import os
-import threading
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
@@ -18,19 +16,17 @@ import numpy as np
 from transact_jax.config import FeatureConfig, SelectionConfig
 from transact_jax.data import request_rules as rules
 from transact_jax.data.feature_log.format import (
+    FEATURE_LOG,
     FORMAT_NAME,
-    FORMAT_VERSION,
-    MANIFEST,
     RETIRED_TAG,
     VERIFY_MODES,
     FeatureLogError,
     PathLike,
-    _check_config,
-    _column_table,
+    ShardMaps,
     _Shard,
-    _stored_config,
+    _column_table,
+    load_manifest,
     sibling_prefix,
-    version_problem,
 )
 from transact_jax.data.schema import TrainingExamples
 from transact_jax.data.source import check_indices
@@ -96,26 +92,9 @@ class FeatureLog:
             raise ValueError(f"verify: must be one of {VERIFY_MODES}, got {verify!r}")
         self.path = os.fspath(path)
         self.verify = verify
-        manifest_path = os.path.join(self.path, MANIFEST)
-        try:
-            with open(manifest_path, "rb") as f:
-                manifest = json.loads(f.read())
-        except FileNotFoundError as e:
-            raise FeatureLogError(manifest_path, _missing_manifest(self.path)) from e
-        except ValueError as e:
-            raise FeatureLogError(manifest_path, f"not valid JSON: {e}") from e
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-            raise FeatureLogError(manifest_path, f"not a feature log manifest (format != "
-                                  f"{FORMAT_NAME!r})")
-        if manifest.get("version") != FORMAT_VERSION:
-            raise FeatureLogError(manifest_path, version_problem(manifest.get("version")))
-        self.log_id = manifest.get("log_id")
-        if not isinstance(self.log_id, str) or not self.log_id:
-            raise FeatureLogError(manifest_path, f"bad log_id {self.log_id!r}")
-        self.feat = _stored_config(FeatureConfig, manifest, "feature_config", manifest_path)
-        self.sel = _stored_config(SelectionConfig, manifest, "selection_config", manifest_path)
-        _check_config(self.feat, feat, "feature_config", self.path)
-        _check_config(self.sel, sel, "selection_config", self.path)
+        m = load_manifest(self.path, FORMAT_NAME, FEATURE_LOG,
+                          lambda: _missing_manifest(self.path), feat, sel)
+        manifest, manifest_path, self.log_id, self.feat, self.sel = m.data, m.path, m.log_id, m.feat, m.sel
         self._columns = _column_table(self.feat, self.sel)
         if manifest.get("columns") != self._columns:
             raise FeatureLogError(manifest_path, "column table does not match the stored configs")
@@ -137,14 +116,12 @@ class FeatureLog:
                                   f"sum over shards {self._len}")
         self._specs = TrainingExamples.column_specs(self.feat, self.sel)
         self.max_open_shards = int(max_open_shards)
-        self._shards: List[Optional[_Shard]] = [None] * len(self._entries)
-        self._verified = [verify == "none"] * len(self._entries)  # "none": never checked
-        self._verify_locks = [threading.Lock() for _ in self._entries]
-        self._open: "collections.OrderedDict[int, Dict[str, np.ndarray]]" = collections.OrderedDict()
-        self._lock = threading.Lock()
+        self._maps = ShardMaps(lambda i: _Shard(os.path.join(self.path, self._entries[i]["file"]),
+                                                self._entries[i], self._columns, verify, self.log_id, i),
+                               len(self._entries), verify, self.max_open_shards)
         if verify != "none":
             for i in range(len(self._entries)):
-                self._shard(i)
+                self._maps.shard(i)
         if verify == "full":
             self.verify_all()
 
@@ -160,40 +137,6 @@ class FeatureLog:
     @property
     def shard_files(self) -> List[str]:
         return [os.path.join(self.path, s["file"]) for s in self._entries]
-
-    def _shard(self, i: int) -> _Shard:
-        shard = self._shards[i]
-        if shard is None:
-            shard = _Shard(os.path.join(self.path, self._entries[i]["file"]), self._entries[i],
-                           self._columns, self.verify, self.log_id, i)
-            self._shards[i] = shard
-        return shard
-
-    def _verify_shard(self, i: int) -> None:
-        """Check shard ``i``'s data against the manifest's CRC-32s, once per FeatureLog."""
-        if self._verified[i]:
-            return
-        with self._verify_locks[i]:  # one thread verifies; others reading this shard wait for it
-            if not self._verified[i]:
-                self._shard(i).verify_data()
-                self._verified[i] = True
-
-    def _columns_of(self, i: int) -> Dict[str, np.ndarray]:
-        """Memory-mapped columns of shard ``i`` (data verified first, see ``verify``); at most
-        ``max_open_shards`` maps stay open (LRU)."""
-        with self._lock:
-            cols = self._open.get(i)
-            if cols is not None:
-                self._open.move_to_end(i)
-                return cols
-        self._verify_shard(i)
-        cols = self._shard(i).open()  # outside the lock; a racing duplicate map is harmless
-        with self._lock:
-            self._open[i] = cols
-            self._open.move_to_end(i)
-            while len(self._open) > self.max_open_shards:
-                self._open.popitem(last=False)  # readers holding its arrays keep the map alive
-        return cols
 
     def bytes_per_example(self) -> float:
         """Bytes on disk per example (shard files including headers and padding; 0 if empty)."""
@@ -225,7 +168,7 @@ class FeatureLog:
                 s = int(shard_of[lo])
                 local = sorted_idx[lo:hi] - self.shard_starts[s]
                 dest = order[lo:hi]
-                cols = self._columns_of(s)
+                cols = self._maps.columns(s)
                 contiguous = bool(np.all(np.diff(local) == 1))
                 for name, target in out.items():
                     src = cols[name]
@@ -257,9 +200,7 @@ class FeatureLog:
         """Check every shard's data against the manifest's CRC-32s (what ``verify="full"`` does at
         open), even if already checked."""
         for i in range(self.num_shards):
-            with self._verify_locks[i]:
-                self._shard(i).verify_data()
-                self._verified[i] = True
+            self._maps.verify(i, again=True)
 
     # -- lifetime
 
@@ -267,8 +208,7 @@ class FeatureLog:
         """Drop the memory maps (arrays returned by :meth:`read` stay valid: they are copies).
 
         A later read maps the shards it needs again."""
-        with self._lock:
-            self._open.clear()
+        self._maps.close()
 
     def __enter__(self) -> "FeatureLog":
         return self

@@ -40,6 +40,7 @@ import numpy as np
 from transact_jax.config import FeatureConfig, SelectionConfig
 from transact_jax.config_json import config_to_dict
 from transact_jax.data.feature_log.format import (
+    EncodedShard,
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST,
@@ -61,7 +62,7 @@ _HOST = f"{zlib.crc32(socket.gethostname().encode()):08x}"
 
 # ------------------------------------------------------------------------------------ directories
 
-def _new_sibling(path: str, tag: str) -> str:
+def new_sibling(path: str, tag: str) -> str:
     parent = os.path.dirname(path)
     return os.path.join(parent, f"{sibling_prefix(path, tag)}{_HOST}-{os.getpid()}-"
                                 f"{secrets.token_hex(4)}")
@@ -84,7 +85,7 @@ def _owner_gone(name: str, prefix: str) -> bool:
     return False
 
 
-def _tidy_siblings(path: str) -> None:
+def tidy_siblings(path: str) -> None:
     """Remove staging directories of dead writers; put back an old log a dead writer had moved aside
     without moving its new log in; remove the other old logs of dead writers (module docstring)."""
     parent = os.path.dirname(path) or "."
@@ -107,31 +108,32 @@ def _tidy_siblings(path: str) -> None:
             shutil.rmtree(full, ignore_errors=True)
 
 
-def _is_log_entry(name: str) -> bool:
-    """Names a feature log directory may hold: the manifest, shards, and the temporary files that
-    writers of format version 1 left behind when killed."""
-    return name == MANIFEST or name.endswith(SHARD_SUFFIX) or (name.startswith(".") and name.endswith(".tmp"))
+def _is_log_entry(name: str, suffix: str) -> bool:
+    """Names a log directory may hold: the manifest, shards (``suffix``), and the temporary files
+    that feature log writers of format version 1 left behind when killed."""
+    return name == MANIFEST or name.endswith(suffix) or (name.startswith(".") and name.endswith(".tmp"))
 
 
-def _check_replaceable(path: str, overwrite: bool) -> None:
-    """Raise unless the directory ``path`` may be replaced: absent, empty, or a feature log (only with
-    ``overwrite``) holding nothing but feature log files (it is replaced as a whole)."""
+def check_replaceable(path: str, overwrite: bool, what: str = "feature log",
+                      suffix: str = SHARD_SUFFIX) -> None:
+    """Raise unless the directory ``path`` may be replaced: absent, empty, or a log of kind ``what``
+    (only with ``overwrite``) holding nothing but its files (it is replaced as a whole)."""
     if not os.path.lexists(path):
         return
     if not os.path.isdir(path):
         raise FileExistsError(f"{path}: exists and is not a directory")
     names = sorted(os.listdir(path))
     if MANIFEST in names and not overwrite:
-        raise FileExistsError(f"{os.path.join(path, MANIFEST)}: a feature log already exists here "
+        raise FileExistsError(f"{os.path.join(path, MANIFEST)}: a {what} already exists here "
                               f"(pass overwrite=True to replace it)")
-    foreign = [n for n in names if not _is_log_entry(n)]
+    foreign = [n for n in names if not _is_log_entry(n, suffix)]
     if foreign:
-        raise FileExistsError(f"{os.path.join(path, foreign[0])}: not part of a feature log; the "
+        raise FileExistsError(f"{os.path.join(path, foreign[0])}: not part of a {what}; the "
                               f"writer replaces the whole directory {path}, so it refuses while "
                               f"other files are in it")
 
 
-def _swap_in(staging: str, path: str) -> None:
+def swap_in(staging: str, path: str) -> None:
     """Move the finished directory ``staging`` to ``path``, replacing what is there (module doc)."""
     parent = os.path.dirname(path) or "."
     retired: Optional[str] = None
@@ -140,7 +142,7 @@ def _swap_in(staging: str, path: str) -> None:
     except OSError as e:
         if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
-        retired = _new_sibling(path, RETIRED_TAG)
+        retired = new_sibling(path, RETIRED_TAG)
         os.rename(path, retired)        # the window: path is absent from here ...
         try:
             os.rename(staging, path)    # ... to here
@@ -154,7 +156,102 @@ def _swap_in(staging: str, path: str) -> None:
 
 # ------------------------------------------------------------------------------------------ writer
 
-class FeatureLogWriter:
+class ShardedLogWriter:
+    """What every writer of a sharded log directory shares (the atomic replace of the module
+    docstring): a private staging directory next to ``path``, shard files written into it, the
+    manifest written last by :meth:`finish`, and :meth:`publish` swapping the directory in.
+    Subclasses add ``write`` and define :meth:`_flush` (write what is buffered) and
+    :meth:`_manifest` (the manifest's fields); ``what`` and ``suffix`` name the kind of log and its
+    shard files. Use as a context manager: leaving the ``with`` block with an exception aborts."""
+
+    what = "feature log"
+    suffix = SHARD_SUFFIX
+
+    def __init__(self, path: PathLike, overwrite: bool):
+        self.path = os.fspath(path)
+        self._target = os.path.realpath(self.path)  # a symlink keeps pointing at the log
+        self.overwrite = bool(overwrite)
+        os.makedirs(os.path.dirname(self._target), exist_ok=True)
+        tidy_siblings(self._target)
+        check_replaceable(self._target, self.overwrite, self.what, self.suffix)
+        self.log_id = uuid.uuid4().hex
+        self.staging_path = new_sibling(self._target, STAGING_TAG)
+        os.mkdir(self.staging_path)  # default mode: 0o777 & ~umask
+        self._shards: List[Dict[str, Any]] = []
+        self._finished = self._closed = False
+
+    def _check_open(self) -> None:
+        if self._finished or self._closed:
+            raise ValueError(f"{self.path}: write() after finish() or close()")
+
+    def _add_shard(self, shard: EncodedShard, entry: Dict[str, Any]) -> None:
+        """Write the encoded shard as the next shard file; its manifest entry is ``entry`` plus the
+        file name, size and column CRC-32s."""
+        name = f"shard-{len(self._shards):05d}{self.suffix}"
+        _write_file(os.path.join(self.staging_path, name), [shard.head, *shard.chunks])
+        self._shards.append({"file": name, **entry, "nbytes": shard.nbytes,
+                             "crc32": list(shard.crc32)})
+
+    def _flush(self) -> None:
+        """Write whatever is still buffered (subclasses)."""
+
+    def _manifest(self) -> Dict[str, Any]:
+        """The manifest's fields (subclasses)."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Write the remaining data and then the manifest into the staging directory; nothing
+        becomes visible at ``path`` until :meth:`publish`. Idempotent."""
+        if self._finished or self._closed:
+            return
+        self._flush()
+        _write_file(os.path.join(self.staging_path, MANIFEST),
+                    [json.dumps(self._manifest(), indent=1).encode()])
+        _fsync_dir(self.staging_path)
+        self._finished = True
+
+    def publish(self) -> None:
+        """Swap the finished log into ``path`` (module docstring), replacing the old log. Idempotent."""
+        if self._closed:
+            return
+        if not self._finished:
+            raise ValueError(f"{self.path}: publish() before finish()")
+        try:
+            check_replaceable(self._target, self.overwrite, self.what, self.suffix)  # again
+            swap_in(self.staging_path, self._target)
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+
+    def close(self) -> None:
+        """:meth:`finish` and :meth:`publish`: the log becomes readable at ``path``. Idempotent."""
+        self.finish()
+        self.publish()
+
+    def abort(self) -> None:
+        """Discard everything written: delete the staging directory; ``path`` is untouched."""
+        if self._closed:
+            return
+        shutil.rmtree(self.staging_path, ignore_errors=True)
+        self._shards = []
+        self._discard()
+        self._closed = True
+
+    def _discard(self) -> None:
+        """Forget buffered data (subclasses)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class FeatureLogWriter(ShardedLogWriter):
     """Writes :class:`TrainingExamples` into a feature log directory (format: the package docstring).
 
     Examples are validated on :meth:`write`, buffered, and flushed to the staging directory as soon as
@@ -181,22 +278,12 @@ class FeatureLogWriter:
                  examples_per_shard: int = 16384, overwrite: bool = False):
         if not isinstance(examples_per_shard, (int, np.integer)) or examples_per_shard <= 0:
             raise ValueError(f"examples_per_shard: must be a positive int, got {examples_per_shard!r}")
-        self.path = os.fspath(path)
-        self._target = os.path.realpath(self.path)  # a symlink keeps pointing at the log
         self.feat, self.sel = feat, sel
         self.examples_per_shard = int(examples_per_shard)
-        self.overwrite = bool(overwrite)
-        os.makedirs(os.path.dirname(self._target), exist_ok=True)
-        _tidy_siblings(self._target)
-        _check_replaceable(self._target, self.overwrite)
-        self.log_id = uuid.uuid4().hex
-        self.staging_path = _new_sibling(self._target, STAGING_TAG)
-        os.mkdir(self.staging_path)  # default mode: 0o777 & ~umask
         self._buffer: List[TrainingExamples] = []
         self._buffered = 0
-        self._shards: List[Dict[str, Any]] = []
         self._num_examples = 0
-        self._finished = self._closed = False
+        super().__init__(path, overwrite)
 
     @property
     def num_examples(self) -> int:
@@ -205,8 +292,7 @@ class FeatureLogWriter:
 
     def write(self, examples: TrainingExamples) -> None:
         """Validate and append ``examples``; full shards are written to disk right away."""
-        if self._finished or self._closed:
-            raise ValueError(f"{self.path}: write() after finish() or close()")
+        self._check_open()
         if not isinstance(examples, TrainingExamples):
             raise SchemaError("examples", f"expected TrainingExamples, got {type(examples).__name__}")
         examples.validate(self.feat, self.sel)
@@ -227,23 +313,17 @@ class FeatureLogWriter:
         return TrainingExamples.concatenate(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
 
     def _write_shard(self, examples: TrainingExamples) -> None:
-        index = len(self._shards)
-        name = f"shard-{index:05d}{SHARD_SUFFIX}"
-        shard = encode_shard(examples, self.feat, self.sel, log_id=self.log_id, index=index)
-        _write_file(os.path.join(self.staging_path, name), [shard.head, *shard.chunks])
-        self._shards.append({"file": name, "num_examples": len(examples), "nbytes": shard.nbytes,
-                             "crc32": list(shard.crc32)})
+        shard = encode_shard(examples, self.feat, self.sel, log_id=self.log_id, index=len(self._shards))
+        self._add_shard(shard, {"num_examples": len(examples)})
         self._num_examples += len(examples)
 
-    def finish(self) -> None:
-        """Write the remaining examples and then the manifest into the staging directory; nothing
-        becomes visible at ``path`` until :meth:`publish`. Idempotent."""
-        if self._finished or self._closed:
-            return
+    def _flush(self) -> None:
         if self._buffered:
             self._write_shard(self._merged())
             self._buffer, self._buffered = [], 0
-        manifest = {
+
+    def _manifest(self) -> Dict[str, Any]:
+        return {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "log_id": self.log_id,
@@ -253,45 +333,9 @@ class FeatureLogWriter:
             "shards": self._shards,
             "num_examples": self._num_examples,
         }
-        _write_file(os.path.join(self.staging_path, MANIFEST), [json.dumps(manifest, indent=1).encode()])
-        _fsync_dir(self.staging_path)
-        self._finished = True
 
-    def publish(self) -> None:
-        """Swap the finished log into ``path`` (module docstring), replacing the old log. Idempotent."""
-        if self._closed:
-            return
-        if not self._finished:
-            raise ValueError(f"{self.path}: publish() before finish()")
-        try:
-            _check_replaceable(self._target, self.overwrite)  # again: things may have changed
-            _swap_in(self.staging_path, self._target)
-        except BaseException:
-            self.abort()
-            raise
-        self._closed = True
-
-    def close(self) -> None:
-        """:meth:`finish` and :meth:`publish`: the log becomes readable at ``path``. Idempotent."""
-        self.finish()
-        self.publish()
-
-    def abort(self) -> None:
-        """Discard everything written: delete the staging directory; ``path`` is untouched."""
-        if self._closed:
-            return
-        shutil.rmtree(self.staging_path, ignore_errors=True)
-        self._shards, self._buffer, self._buffered, self._num_examples = [], [], 0, 0
-        self._closed = True
-
-    def __enter__(self) -> "FeatureLogWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
+    def _discard(self) -> None:
+        self._buffer, self._buffered, self._num_examples = [], 0, 0
 
 
 def write_feature_log(path: PathLike, examples: TrainingExamples, feat: FeatureConfig,
