@@ -110,14 +110,15 @@ class RankingModel(nnx.Module):
                                      cand, self._dtype, dropout_key, age)
         return ModelOutput(logits=self._tower(x, cand, seq), nal_user=nal)
 
-    def mfalcon_logits(self, history: ModelInputs, x: ModelInputs,
-                       cand_to_req: jax.Array) -> jax.Array:
+    def mfalcon_logits(self, history: ModelInputs, x: ModelInputs, cand_to_req: jax.Array,
+                       dropout_key: Optional[jax.Array] = None) -> jax.Array:
         """Logits (N, H) of N candidates (``x``: their candidate, dense and categorical fields; its
         sequence fields are not read) whose U requests share one history each (``history``: the
         (U, |S_all|) sequence fields of one candidate per request), through the sequence model's
         M-FALCON path, ``ModelConfig.b_m`` candidates per encoder pass
         (:mod:`transact_jax.model.sequence.hstu`). Equal to ``self(x).logits`` when each
-        candidate's own S_all equals its request's history."""
+        candidate's own S_all equals its request's history. ``dropout_key``: training (the
+        encoder's dropout), None for inference."""
         mfalcon = getattr(self.sequence, "mfalcon", None)
         if mfalcon is None:
             raise ValueError(f"sequence_model: {self.cfg.sequence_model!r} has no M-FALCON path")
@@ -126,7 +127,7 @@ class RankingModel(nnx.Module):
                               jnp.float32)
         seq = mfalcon(emb, self._take_segments(history.actions),
                       self._take_segments(history.surfaces), self._take_segments(history.mask),
-                      cand, cand_to_req, self.cfg.b_m, self._dtype)
+                      cand, cand_to_req, self.cfg.b_m, self._dtype, dropout_key=dropout_key)
         return self._tower(x, cand, seq)
 
     def _tower(self, x: ModelInputs, cand: jax.Array, seq: Optional[jax.Array]) -> jax.Array:

@@ -39,6 +39,7 @@ from transact_jax.config import FeatureConfig, SelectionConfig
 from transact_jax.data.device_features import DeviceSAll, DeviceSequences, select_s_all_device
 from transact_jax.model.builder import model_def
 from transact_jax.model.inputs import ModelInputs
+from transact_jax.model.request_forward import request_logits
 from transact_jax.model.sequence.hstu import shared_history
 from transact_jax.run.config import ExperimentConfig
 from transact_jax.serving.layout import ArenaLayout
@@ -54,28 +55,6 @@ def _s_all(arrays: Dict[str, jax.Array], layout: ArenaLayout, feat: FeatureConfi
     return select_s_all_device(*seqs, arrays["cand_embedding"],
                                arrays["cand_to_req"] if dedup else None,
                                feat=feat, sel=sel, impl=impl)
-
-
-def _mfalcon_logits(model, arrays: Dict[str, jax.Array], layout: ArenaLayout, feat: FeatureConfig,
-                    sel: SelectionConfig, impl: str) -> jax.Array:
-    """M-FALCON scoring (module docstring): S_all of one stand-in candidate per request (the
-    segments the model reads do not depend on the candidate), then b_m candidates per pass."""
-    u = layout.bucket.requests
-    stand_in = dict(arrays, cand_embedding=jnp.zeros((u, feat.embedding_dim), jnp.int8),
-                    cand_to_req=jnp.arange(u, dtype=jnp.int32))
-    h = _s_all(stand_in, layout, feat, sel, impl)
-    history = ModelInputs(embeddings=h.embeddings, actions=h.actions,
-                          surfaces=h.surfaces.astype(jnp.int32), mask=h.mask,
-                          candidate_embedding=stand_in["cand_embedding"],
-                          dense=jnp.zeros((u, feat.num_dense), jnp.float32),
-                          categorical=jnp.zeros((u, len(feat.categorical_vocab_sizes)), jnp.int32))
-    n = layout.bucket.candidates
-    cands = ModelInputs(embeddings=jnp.zeros((n, 0, feat.embedding_dim), jnp.int8),
-                        actions=jnp.zeros((n, 0), feat.action_dtype),
-                        surfaces=jnp.zeros((n, 0), jnp.int32), mask=jnp.zeros((n, 0), bool),
-                        candidate_embedding=arrays["cand_embedding"], dense=arrays["dense"],
-                        categorical=arrays["categorical"])
-    return model.mfalcon_logits(history, cands, arrays["cand_to_req"])
 
 
 @functools.lru_cache(maxsize=64)
@@ -96,8 +75,8 @@ def make_forward(cfg: ExperimentConfig, nn_impl: str) -> Callable:
         arrays = layout.unpack(staged)
         n = layout.bucket.candidates
         if mfalcon and layout.bucket.layout == "dedup":
-            return jax.nn.sigmoid(_mfalcon_logits(mdef.bind(params), arrays, layout, feat, sel,
-                                                  nn_impl).astype(jnp.float32))
+            return jax.nn.sigmoid(request_logits(mdef.bind(params), arrays, feat, sel,
+                                                 nn_impl).astype(jnp.float32))
         if cfg.model.uses_sequence:
             s_all = _s_all(arrays, layout, feat, sel, nn_impl)
             emb, act, surf, mask = s_all.embeddings, s_all.actions, s_all.surfaces, s_all.mask

@@ -210,19 +210,21 @@ class HSTUSequence(nnx.Module):
         return self.out(u[target_rows].astype(jnp.float32)), None
 
     def mfalcon(self, emb: jax.Array, actions: jax.Array, surfaces: jax.Array, mask: jax.Array,
-                cand: jax.Array, cand_to_req: jax.Array, b_m: int, dtype) -> jax.Array:
+                cand: jax.Array, cand_to_req: jax.Array, b_m: int, dtype,
+                dropout_key: Optional[jax.Array] = None) -> jax.Array:
         """Sequence vectors (N, seq_out_dim) of N candidates from their U requests' shared history
         (``emb`` (U, L, D), ``actions``, ``surfaces``, ``mask`` (U, L)), b_m candidates per encoder
         pass (module docstring); equal to ``self(...)`` on each candidate's own copy of its
-        request's history. Inference only (no dropout); the history must not depend on the
-        candidate (:func:`shared_history`)."""
+        request's history (with ``dropout_key`` None). ``dropout_key``: the encoder's dropout, for
+        training on whole requests; the history must not depend on the candidate
+        (:func:`shared_history`)."""
         if self.tokens.similarity is not None:
             raise ValueError("token_features: 'similarity' depends on the candidate; M-FALCON "
                              "needs a history shared by the request's candidates")
         history = self.item_proj(emb) + self.tokens(actions, surfaces, emb=emb)
         tokens, offsets, num_targets, rows = pack_requests(history, mask, self._target_tokens(cand),
                                                            cand_to_req, b_m)
-        u = self._encode(tokens, offsets, num_targets, dtype, None)
+        u = self._encode(tokens, offsets, num_targets, dtype, dropout_key)
         return self.out(u[rows].astype(jnp.float32))
 
     def _target_tokens(self, cand: jax.Array) -> jax.Array:
