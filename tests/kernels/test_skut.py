@@ -130,7 +130,7 @@ def test_impl_dispatch():
 
 
 @pytest.mark.parametrize("resident", [True, False])
-@pytest.mark.parametrize("length,block", [(7, 16), (100, 32), (192, 64), (129, 64)])
+@pytest.mark.parametrize("length,block", [(7, 16), (100, 32), (129, 64)])
 def test_configs_agree(length, block, resident):
     """Both variants and several tilings (L not a multiple of the block) compute the same function."""
     # the resident variant refuses float32 with 64-row tiles (SkutConfig.check): test it in bf16
