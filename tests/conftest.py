@@ -30,6 +30,14 @@ def _release_compiled_programs():
     gc.collect()
 
 
+def pytest_configure(config):
+    """Draw the run's fresh kernel-test seed once, before any worker of ``pytest -n`` starts: they
+    inherit it, so they all collect the same test ids (``tests/kernels/seeds.py``)."""
+    if not os.environ.get("TJ_FRESH_SEED"):
+        import numpy as np
+        os.environ["TJ_FRESH_SEED"] = str(int(np.random.SeedSequence().entropy % (1 << 31)))
+
+
 def _has_gpu() -> bool:
     try:
         return any(d.platform == "gpu" for d in jax.devices())

@@ -1,10 +1,15 @@
 """Seeds of the random test data: fixed ones plus one drawn fresh for every test run."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-FRESH_SEED = int(np.random.SeedSequence().entropy % (1 << 31))
-"""Drawn once per test run; it appears in the test ids, so a failing case can be replayed."""
+SEED_ENV = "TJ_FRESH_SEED"
+FRESH_SEED = int(os.environ.get(SEED_ENV) or np.random.SeedSequence().entropy % (1 << 31))
+"""Drawn once per test run (``tests/conftest.py`` draws it into ``TJ_FRESH_SEED`` so that parallel
+test workers share it); it appears in the test ids: ``TJ_FRESH_SEED=<id> pytest ...`` replays a
+failing case."""
 
 
 def seeds(*fixed: int) -> list:
