@@ -114,6 +114,7 @@ def test_presets_match_table2():
         "transact_nal_imp": ("transact", ("rt_recent", "rt_nn"), "impression", True),
         "transact_v2": ("transact", ("ll", "rt_recent", "rt_nn", "imp"), "impression", True),
         "hstu": ("hstu", ("ll", "rt_recent", "rt_nn", "imp"), "none", False),
+        "vista": ("vista", ("ll", "rt_recent", "rt_nn", "imp"), "none", False),
     }
     assert PRESET_NAMES == tuple(want)
     assert RT_SEGMENTS == ("rt_recent", "rt_nn") and ALL_SEGMENTS == ("ll", "rt_recent", "rt_nn", "imp")
@@ -452,7 +453,7 @@ def test_a_new_family_is_one_registry_entry(mean_pool_family):
 
 def test_unknown_sequence_model_lists_the_registry():
     with pytest.raises(ValueError,
-                       match=r"sequence_model: expected one of \('none', 'bst', 'transact', 'hstu'\)"):
+                       match=r"sequence_model: expected one of \('none', 'bst', 'transact', 'hstu', 'vista'\)"):
         ModelConfig(sequence_model="mamba")
 
 

@@ -11,6 +11,9 @@ One code path covers TransAct V2 and the baselines of the paper's Table 2; they 
 * ``"hstu"``: HSTU ("Actions Speak Louder than Words", Section 3) - the valid tokens packed as a
   jagged sequence with the candidate appended as one target token, a causal HSTU encoder; the
   target's output is the sequence vector (:mod:`transact_jax.model.sequence.hstu`).
+* ``"vista"``: VISTA - the valid tokens summarised into ``num_seeds`` virtual-seed embeddings by
+  quasi-linear attention, the candidate attending to that summary (:mod:`transact_jax.model.vista`,
+  :mod:`transact_jax.model.sequence.vista`).
 
 ``segments`` picks S_all segments (``SelectionConfig.segments``): TransAct (RT) and BST read
 ``("rt_recent", "rt_nn")``; TransAct V2 reads all four, ``("ll", "rt_recent", "rt_nn", "imp")``.
@@ -32,8 +35,8 @@ class ModelConfig:
     """Architecture of the ranking model.
 
     Attributes:
-      sequence_model: a registered sequence model: "none" | "bst" | "transact" | "hstu" (module
-        docstring).
+      sequence_model: a registered sequence model: "none" | "bst" | "transact" | "hstu" | "vista"
+        (module docstring).
       segments: S_all segments the sequence model reads, in S_all order.
       d_model: transformer width d = 2 x embedding_dim (64, eq. 4). "hstu" takes any width (no
         early fusion).
@@ -67,6 +70,12 @@ class ModelConfig:
         buckets). "hstu" adds them to its history tokens as the other families do. ``"age"``
         needs token timestamps, which training and evaluation inputs carry and the serving engine
         does not ship (it refuses such a model).
+      num_seeds: VISTA only: the k virtual seeds (the summary's length; the paper: 128).
+      recon_weight: VISTA only: weight of the generative reconstruction loss (the paper: 1.0; 0
+        turns it off).
+      summary_attention: VISTA only: stage 1's token mixer, "qla" (quasi-linear attention, its
+        ``impl`` is ``encoder_impl``) or "softmax" ("VISTA w/o QLA").
+      causal_summary: VISTA only: history tokens attend causally in stage 1 (default: all of them).
     """
 
     sequence_model: str = "transact"
@@ -85,12 +94,20 @@ class ModelConfig:
     encoder_impl: str = "xla"
     token_features: Tuple[str, ...] = ()
     b_m: int = 1
+    num_seeds: int = 128
+    recon_weight: float = 1.0
+    summary_attention: str = "qla"
+    causal_summary: bool = False
 
     def __post_init__(self):
         check_fields(self, {**{name: AT_LEAST_ONE for name in (
             "d_model", "num_layers", "num_heads", "ff_dim", "seq_out_dim", "cat_embed_dim", "mlp_dims",
-            "b_m")},
-            "num_cross_layers": NON_NEGATIVE, "dropout": Bound(0, 1, high_open=True)})
+            "b_m", "num_seeds")},
+            "num_cross_layers": NON_NEGATIVE, "dropout": Bound(0, 1, high_open=True),
+            "recon_weight": NON_NEGATIVE})
+        if self.summary_attention not in ("qla", "softmax"):
+            raise ConfigError("summary_attention", f"expected 'qla' or 'softmax', got "
+                                                   f"{self.summary_attention!r}")
         from transact_jax.model.sequence import names  # the registry imports this module
         if self.sequence_model not in names():
             raise ConfigError("sequence_model", f"expected one of {names()}, got {self.sequence_model!r}")

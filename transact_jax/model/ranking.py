@@ -34,10 +34,13 @@ from transact_jax.model.sequence import sequence_model_entry
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ModelOutput:
-    """``logits`` (N, H); ``nal_user`` (N, r, D) = P u(t) on the S_RT[:r] slots, or None."""
+    """``logits`` (N, H); ``nal_user`` (N, r, D) = P u(t) on the S_RT[:r] slots, or None;
+    ``aux_loss`` a weighted scalar the sequence model adds to the training loss (VISTA's
+    reconstruction loss), or None."""
 
     logits: jax.Array
     nal_user: Optional[jax.Array] = None
+    aux_loss: Optional[jax.Array] = None
 
 
 class CrossLayer(nnx.Module):
@@ -101,14 +104,15 @@ class RankingModel(nnx.Module):
 
     def __call__(self, x: ModelInputs, *, dropout_key: Optional[jax.Array] = None) -> ModelOutput:
         cand = dequantize_int8(x.candidate_embedding, self.feat.quant_scale, jnp.float32)
-        seq = nal = None
+        seq = nal = aux = None
         if self.sequence is not None:
             emb = dequantize_int8(self._take_segments(x.embeddings), self.feat.quant_scale, jnp.float32)
             age = None if x.token_age_hours is None else self._take_segments(x.token_age_hours)
-            seq, nal = self.sequence(emb, self._take_segments(x.actions),
-                                     self._take_segments(x.surfaces), self._take_segments(x.mask),
-                                     cand, self._dtype, dropout_key, age)
-        return ModelOutput(logits=self._tower(x, cand, seq), nal_user=nal)
+            out = self.sequence(emb, self._take_segments(x.actions), self._take_segments(x.surfaces),
+                                self._take_segments(x.mask), cand, self._dtype, dropout_key, age)
+            seq, nal = out[0], out[1]
+            aux = out[2] if len(out) > 2 else None
+        return ModelOutput(logits=self._tower(x, cand, seq), nal_user=nal, aux_loss=aux)
 
     def mfalcon_logits(self, history: ModelInputs, x: ModelInputs, cand_to_req: jax.Array,
                        dropout_key: Optional[jax.Array] = None) -> jax.Array:
@@ -119,9 +123,9 @@ class RankingModel(nnx.Module):
         (:mod:`transact_jax.model.sequence.hstu`). Equal to ``self(x).logits`` when each
         candidate's own S_all equals its request's history. ``dropout_key``: training (the
         encoder's dropout), None for inference."""
-        mfalcon = getattr(self.sequence, "mfalcon", None)
-        if mfalcon is None:
+        if not sequence_model_entry(self.cfg.sequence_model).scores_requests:
             raise ValueError(f"sequence_model: {self.cfg.sequence_model!r} has no M-FALCON path")
+        mfalcon = self.sequence.mfalcon
         cand = dequantize_int8(x.candidate_embedding, self.feat.quant_scale, jnp.float32)
         emb = dequantize_int8(self._take_segments(history.embeddings), self.feat.quant_scale,
                               jnp.float32)

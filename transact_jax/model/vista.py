@@ -21,8 +21,8 @@ softmax_seed_attention_reference`; dense per sequence, so for comparisons at mod
 
 The reconstruction loss (Section 3.2.3, :class:`ReconstructionDecoder`): a causal softmax
 transformer block over [s_1..s_k, u_1..u_M] (the summary first) gives v_1..v_M at the history
-positions, and ``L = mean_i ||v_i - u_{i+1}||^2`` over i < M (the paper sums; the mean keeps the
-weight independent of the history length). v_i sees only the summary and u_1..u_i, so u_{i+1} does
+positions, and ``L = mean_i ||v_i - u_{i+1}||^2 / d`` over i < M (the paper sums over i and the d
+features; the means keep the loss's weight independent of the history length and the width). v_i sees only the summary and u_1..u_i, so u_{i+1} does
 not leak. The targets u_{i+1} are held constant (stop-gradient): otherwise shrinking every token
 embedding would lower the loss without memorizing anything.
 
@@ -230,9 +230,9 @@ class ReconstructionDecoder(nnx.Module):
         return self.proj(self.block(x, x, jnp.broadcast_to(causal, (x.shape[0], n, n)))[:, k:])
 
     def __call__(self, summary: jax.Array, history: jax.Array, mask: jax.Array) -> jax.Array:
-        """``mean ||v_i - sg(u_{i+1})||^2`` over the pairs where both tokens are valid (0 if none)."""
+        """``mean ||v_i - sg(u_{i+1})||^2 / d`` over the pairs where both tokens are valid (0 if none)."""
         v = self.outputs(summary, history)
         target = jax.lax.stop_gradient(history[:, 1:].astype(jnp.float32))
         pair = (mask[:, :-1] & mask[:, 1:]).astype(jnp.float32)
-        err = jnp.sum((v[:, :-1].astype(jnp.float32) - target) ** 2, axis=-1)
+        err = jnp.mean((v[:, :-1].astype(jnp.float32) - target) ** 2, axis=-1)
         return jnp.sum(err * pair) / jnp.maximum(jnp.sum(pair), 1.0)

@@ -38,6 +38,7 @@ _PRESETS: Dict[str, tuple] = {
     "transact_nal_imp": (ModelConfig(sequence_model="transact", segments=RT_SEGMENTS), "impression"),
     "transact_v2": (ModelConfig(sequence_model="transact", segments=ALL_SEGMENTS), "impression"),
     "hstu": (ModelConfig(sequence_model="hstu", segments=ALL_SEGMENTS), "none"),
+    "vista": (ModelConfig(sequence_model="vista", segments=ALL_SEGMENTS), "none"),
 }
 PRESET_NAMES = tuple(_PRESETS)
 PAPER_TABLE2 = {  # HIT@3 lift vs Wide&Deep, paper Table 2 (repin, hide)

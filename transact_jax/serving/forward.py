@@ -18,10 +18,12 @@ varies). Inside:
 3. the ranking model on S_all and the candidate features (encoder by SKUT or XLA, as the model
    config says), sigmoid per head.
 
-M-FALCON (HSTU with ``ModelConfig.b_m`` > 1 reading a history that does not depend on the
-candidate, :func:`transact_jax.model.sequence.hstu.shared_history`), dedup layout: S_all is built
-once per request instead of per candidate, and the model scores b_m candidates of a request per
-encoder pass after that history (``RankingModel.mfalcon_logits``); the scores are the same.
+One history per request (a family that scores a request's candidates after one shared history,
+HSTU's M-FALCON with ``ModelConfig.b_m`` > 1 or VISTA's per-user summary, reading a history that
+does not depend on the candidate: :func:`transact_jax.model.sequence.hstu.shared_history`), dedup
+layout: S_all is built once per request instead of per candidate and the model reads it once for
+all of the request's candidates (:func:`transact_jax.model.request_forward.request_logits`); the
+scores are the same.
 
 Both layouts select exactly the tokens of the logged-feature path (tests compare them), so serving
 scores equal the trained model's scores on logged features.

@@ -69,5 +69,8 @@ def objective(out: ModelOutput, inputs: ModelInputs, targets: Targets, cfg: Expe
                             pos_codes=pos_codes, neg_codes=neg_codes, kind=tc.nal_kind)
         loss = ce + tc.w_nal * nal
         metrics.update(loss_nal=nal, nal_accuracy=aux["accuracy"], nal_pairs=aux["num_pairs"])
+    if out.aux_loss is not None:          # e.g. VISTA's reconstruction loss, already weighted
+        loss = loss + out.aux_loss
+        metrics["loss_aux"] = out.aux_loss
     metrics["loss"] = loss
     return loss, metrics

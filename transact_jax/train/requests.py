@@ -2,10 +2,11 @@
 
 The logged-feature path (:mod:`transact_jax.train.loop`) trains on one row per (request,
 candidate) carrying its own S_all. A model whose history does not depend on the candidate
-(:func:`transact_jax.model.sequence.hstu.shared_history`: HSTU with ``b_m`` > 1 reading S_LL by
-recency, ``ll_selection="recent"``, and S_RT[:r]) can instead read each request's history once and
-score b_m of its candidates per encoder pass (M-FALCON, "Actions Speak Louder than Words" Section
-3.4), as the serving engine does. Here the same forward (:func:`transact_jax.model.request_forward.
+(:func:`transact_jax.model.sequence.hstu.shared_history`: HSTU with ``b_m`` > 1, or VISTA, reading
+S_LL by recency, ``ll_selection="recent"``, and S_RT[:r]) can instead read each request's history
+once for all its candidates (HSTU: b_m candidates per encoder pass, M-FALCON, "Actions Speak Louder
+than Words" Section 3.4; VISTA: one summary per request), as the serving engine does. VISTA's
+reconstruction loss is not part of this path. Here the same forward (:func:`transact_jax.model.request_forward.
 request_logits`) is trained, on a :class:`~transact_jax.data.request_log.RequestLog` (or any source
 whose ``read(indices)`` gives labelled ``RequestBatch`` es) through the grain pipeline, each batch
 laid out in a fixed :class:`~transact_jax.data.request_batches.RequestCapacity` (so the step

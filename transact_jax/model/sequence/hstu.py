@@ -52,7 +52,7 @@ from transact_jax.config_json import ConfigError
 from transact_jax.model.config import ModelConfig
 from transact_jax.model.hstu import HSTUConfig, HSTUEncoder
 from transact_jax.model.layers import TokenEncoder
-from transact_jax.model.sequence.registry import SequenceModelEntry, register
+from transact_jax.model.sequence.registry import SequenceModelEntry, register, sequence_model_entry
 
 MIN_KERNEL_WIDTH = 16
 """The HSTU attention kernel's per-head widths are powers of two >= 16."""
@@ -114,14 +114,15 @@ def pack_jagged(history: jax.Array, mask: jax.Array,
 
 
 def shared_history(sel: SelectionConfig, cfg: ModelConfig) -> Optional[str]:
-    """None when every candidate of a request reads the same history tokens (M-FALCON applies),
-    else why not: the family must be "hstu" with b_m > 1, read neither ``rt_nn`` nor ``imp`` (both
-    NN-selected per candidate: NN(S_RT[r:], c), NN(S_imp, c)), read ``ll`` only with
-    ``ll_selection="recent"`` (not per candidate), and add no "similarity" token feature (it depends
-    on the candidate). ``rt_recent`` (S_RT[:r]) is always shared."""
-    if cfg.sequence_model != "hstu":
-        return f"sequence_model is {cfg.sequence_model!r}, not 'hstu'"
-    if cfg.b_m < 2:
+    """None when every candidate of a request reads the same history tokens (so the family's
+    ``mfalcon`` path applies: HSTU's M-FALCON, VISTA's per-user summary), else why not: the family
+    must have that path (the registry's ``scores_requests``; for "hstu" also b_m > 1), read neither
+    ``rt_nn`` nor ``imp`` (both NN-selected per candidate: NN(S_RT[r:], c), NN(S_imp, c)), read
+    ``ll`` only with ``ll_selection="recent"`` (not per candidate), and add no "similarity" token
+    feature (it depends on the candidate). ``rt_recent`` (S_RT[:r]) is always shared."""
+    if not sequence_model_entry(cfg.sequence_model).scores_requests:
+        return f"sequence_model {cfg.sequence_model!r} scores one candidate per sequence"
+    if cfg.sequence_model == "hstu" and cfg.b_m < 2:
         return "b_m is 1: one candidate per sequence"
     for segment in ("rt_nn", "imp"):
         if segment in cfg.segments:
@@ -239,4 +240,4 @@ class HSTUSequence(nnx.Module):
 register(SequenceModelEntry(
     name="hstu",
     build=lambda feat, cfg, length, rt_slots, rngs: HSTUSequence(feat, cfg, length, rngs=rngs),
-    next_action_loss=False))
+    next_action_loss=False, scores_requests=True))

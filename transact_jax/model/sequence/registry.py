@@ -11,7 +11,15 @@ nal_user)``:
   key or None (no dropout), ``token_age_hours`` (N, L) float32 hours between each token and the
   request, or None when the inputs carry no token timestamps (``ModelConfig.token_features``);
 * ``vector`` (N, ModelConfig.seq_out_dim) goes into the DCN-v2 tower; ``nal_user`` is ``P u(t)``
-  (N, r, D) on the S_RT[:r] slots for the Next Action Loss, or None.
+  (N, r, D) on the S_RT[:r] slots for the Next Action Loss, or None. A module may return a third
+  element, an auxiliary loss (a weighted scalar, e.g. VISTA's reconstruction loss) that the
+  training objective adds.
+
+A family whose entry has ``scores_requests`` also has ``module.mfalcon(emb, actions, surfaces,
+mask, cand, cand_to_req, b_m, dtype, dropout_key=None) -> vector`` (U requests' histories, N
+candidates): each request's history is read once for all its candidates (HSTU's M-FALCON; VISTA's
+per-user summary), used when the history does not depend on the candidate
+(:func:`transact_jax.model.sequence.hstu.shared_history`).
 
 Adding a family is adding a module that calls :func:`register` and importing it in
 ``transact_jax/model/sequence/__init__.py``; the tower is never edited.
@@ -34,11 +42,13 @@ class SequenceModelEntry:
         ``length`` is the number of S_all slots the model reads, ``rt_slots`` where S_RT[:r] sits
         among them (None if it reads no such segment).
       next_action_loss: whether the module returns ``P u(t)`` (the Next Action Loss needs it).
+      scores_requests: whether the module has ``mfalcon`` (module docstring).
     """
 
     name: str
     build: Callable[..., Optional[nnx.Module]]
     next_action_loss: bool = False
+    scores_requests: bool = False
 
 
 _REGISTRY: Dict[str, SequenceModelEntry] = {}
