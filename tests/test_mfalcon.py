@@ -49,11 +49,10 @@ def test_pack_requests_layout():
     np.testing.assert_array_equal(flat[np.asarray(rows)], np.arange(5) + 100)
 
 
-def test_mfalcon_logits_equal_one_candidate_per_sequence():
-    mdef, params = mfalcon_model(b_m=3)
-    model = mdef.bind(params)
-    req_inputs = random_inputs(seed=11, n=3)                  # 3 requests' histories
-    c2r = np.array([2, 0, 0, 1, 0, 2, 0, 0], np.int32)        # 5 candidates of request 0: 2 passes
+def assert_shared_history_scores(model, c2r: np.ndarray) -> None:
+    """``model.mfalcon_logits`` on random histories of ``max(c2r) + 1`` requests and candidates
+    ``c2r`` equals ``model(x)`` on each candidate's own copy of its request's history."""
+    req_inputs = random_inputs(seed=11, n=int(c2r.max()) + 1)
     cands = random_inputs(seed=12, n=len(c2r))
     own = ModelInputs(**{f.name: (getattr(req_inputs, f.name)[c2r]
                                   if f.name in ("embeddings", "actions", "surfaces", "mask")
@@ -62,6 +61,12 @@ def test_mfalcon_logits_equal_one_candidate_per_sequence():
     want = np.asarray(jax.jit(lambda x: model(x).logits)(own))
     got = np.asarray(jax.jit(model.mfalcon_logits)(req_inputs, cands, jnp.asarray(c2r)))
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_mfalcon_logits_equal_one_candidate_per_sequence():
+    mdef, params = mfalcon_model(b_m=3)
+    # 3 requests; 5 candidates of request 0: 2 passes
+    assert_shared_history_scores(mdef.bind(params), np.array([2, 0, 0, 1, 0, 2, 0, 0], np.int32))
 
 
 def test_shared_history_rules():

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from tests.helpers import random_requests
-from tests.test_mfalcon import FEAT, SEL, SHARED
+from tests.test_mfalcon import FEAT, SEL, SHARED, assert_shared_history_scores
 from tests.test_model import random_inputs
 from transact_jax.config_json import ConfigError
 from transact_jax.data.features import log_nn_features
@@ -66,17 +64,7 @@ def test_one_summary_per_request_scores_like_one_candidate_per_sequence():
     cfg = vista_cfg()
     assert shared_history(cfg.selection, cfg.model) is None
     mdef, params = build_model(cfg.feature, cfg.selection, cfg.model, 5)
-    model = mdef.bind(params)
-    req_inputs = random_inputs(seed=11, n=3)
-    c2r = np.array([2, 0, 0, 1, 0, 2, 0], np.int32)
-    cands = random_inputs(seed=12, n=len(c2r))
-    own = ModelInputs(**{f.name: (getattr(req_inputs, f.name)[c2r]
-                                  if f.name in ("embeddings", "actions", "surfaces", "mask")
-                                  else getattr(cands, f.name))
-                         for f in dataclasses.fields(ModelInputs) if f.name != "token_age_hours"})
-    want = np.asarray(jax.jit(lambda x: model(x).logits)(own))
-    got = np.asarray(jax.jit(model.mfalcon_logits)(req_inputs, cands, jnp.asarray(c2r)))
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    assert_shared_history_scores(mdef.bind(params), np.array([2, 0, 0, 1, 0, 2, 0], np.int32))
     nn_cfg = vista_cfg(segments=("ll", "rt_recent", "rt_nn"))
     assert "rt_nn" in shared_history(nn_cfg.selection, nn_cfg.model)
 
