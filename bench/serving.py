@@ -18,10 +18,11 @@ Four configurations, as in Figures 7-9:
 ``all``        de-dup + pinned + the fused Pallas NN-search kernel + the SKUT encoder kernel
 =============  ==========================================================================
 
-With ``--configs``, two more (grid only): ``hstu``, the ``all`` engine with the HSTU family on the
-same S_all (one candidate per sequence, the HSTU attention kernel), and ``hstu_mfalcon``, HSTU over
+With ``--configs``, three more (grid only): ``hstu``, the ``all`` engine with the HSTU family on
+the same S_all (one candidate per sequence, the HSTU attention kernel), ``hstu_mfalcon``, HSTU over
 the candidate-independent segments (S_LL by recency, S_RT[:r]) scored with M-FALCON, 16
-candidates per encoder pass.
+candidates per encoder pass, and ``vista``, VISTA over those segments (one summary per request,
+computed in the forward: the cost without a summary store, the cache-miss path).
 
 **Batch size.** In the paper's Figures 7-9 the batch size (128 / 256 / 512) counts *examples*, i.e.
 candidates, of one model mini-batch: "each mini-batch of size 128 results in a 64 MB payload" is 128
@@ -117,23 +118,31 @@ CONFIGS = {
                  model="hstu"),
     "hstu_mfalcon": dict(dedup=True, pinned=True, nn_impl="pallas_triton",
                          encoder_impl="pallas_triton", model="hstu_mfalcon"),
+    "vista": dict(dedup=True, pinned=True, nn_impl="pallas_triton", encoder_impl="pallas_triton",
+                  model="vista"),
 }
 DEFAULT_CONFIGS = ("baseline", "pinned", "dedup", "all")
-GRID_ORDER = ("all", "dedup", "baseline", "pinned", "hstu", "hstu_mfalcon")
+GRID_ORDER = ("all", "dedup", "baseline", "pinned", "hstu", "hstu_mfalcon", "vista")
 MFALCON_B_M = 16
 
 
 def model_variant(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
     """The experiment of a configuration's ``model``: ``hstu`` (the HSTU preset on the same S_all,
-    one candidate per sequence) or ``hstu_mfalcon`` (HSTU over the candidate-independent segments,
-    S_LL by recency and S_RT[:r], b_m = MFALCON_B_M candidates per encoder pass)."""
-    hstu = preset("hstu", cfg)
+    one candidate per sequence), ``hstu_mfalcon`` (HSTU over the candidate-independent segments,
+    S_LL by recency and S_RT[:r], b_m = MFALCON_B_M candidates per encoder pass) or ``vista`` (VISTA
+    over those segments: one summary per request, target attention per candidate; the summary is
+    computed in the forward, not read from a store)."""
     if name == "hstu":
-        return hstu
+        return preset("hstu", cfg)
+    recent = dataclasses.replace(cfg.selection, ll_selection="recent")
     if name == "hstu_mfalcon":
-        return dataclasses.replace(
-            hstu, selection=dataclasses.replace(cfg.selection, ll_selection="recent"),
-            model=dataclasses.replace(hstu.model, segments=("ll", "rt_recent"), b_m=MFALCON_B_M))
+        hstu = preset("hstu", cfg)
+        return dataclasses.replace(hstu, selection=recent, model=dataclasses.replace(
+            hstu.model, segments=("ll", "rt_recent"), b_m=MFALCON_B_M))
+    if name == "vista":
+        vista = preset("vista", cfg)
+        return dataclasses.replace(vista, selection=recent, model=dataclasses.replace(
+            vista.model, segments=("ll", "rt_recent")))
     raise ValueError(f"model: unknown variant {name!r}")
 PHASES = ("queue", "prep", "pin", "h2d", "forward", "d2h")
 SLO_MS = 20.0
@@ -1105,7 +1114,7 @@ def parse_settings(argv=None) -> Tuple[Settings, bool]:
     ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                     help=f"configurations of the grid (default {','.join(DEFAULT_CONFIGS)}; also "
                          f"hstu, hstu_mfalcon: the HSTU family, one candidate per sequence or "
-                         f"M-FALCON with b_m = {MFALCON_B_M})")
+                         f"M-FALCON with b_m = {MFALCON_B_M}; vista: one summary per request)")
     ap.add_argument("--search-start", type=float,
                     help="first rate of the max-rate search (default: half the device-only capacity)")
     ap.add_argument("--search-steps", type=int, help="load points of each search (default 6)")
