@@ -1,20 +1,24 @@
-"""HSTU trained per example vs on whole requests (M-FALCON), at equal budget, on the synthetic world.
+"""HSTU (or VISTA) trained per example vs on whole requests, at equal budget, on the synthetic world.
 
-    python bench/request_training.py            # CPU: 3 seeds, a few minutes
+    python bench/request_training.py            # CPU: HSTU, 3 seeds, about 20 minutes
+    python bench/request_training.py --family vista --num-seeds 32   # VISTA the same way
     python bench/request_training.py --quick    # smoke run
 
 The same labelled requests of the synthetic world are written twice: as a feature log (one row per
 candidate with its logged S_all, what ``train.loop.train`` reads) and as a request log (each
 request's sequences once with all its candidates, what ``train.requests.train_on_requests``
-reads). One HSTU configuration whose history does not depend on the candidate (S_LL by recency,
-``ll_selection="recent"``, and S_RT[:r]; ``b_m`` candidates per encoder pass) is trained both ways
+reads). One configuration of the family (``--family``: "hstu", ``b_m`` candidates per encoder
+pass, or "vista", one summary per request; VISTA's reconstruction loss is part of the per-example
+path only) whose history does not depend on the candidate (S_LL by recency,
+``ll_selection="recent"``, and S_RT[:r]) is trained both ways
 for the same number of steps on the same number of candidates per step (per example: ``--batch``
 candidates; whole requests: ``--batch / mean candidates per request`` requests), then both are
 evaluated on the held-out users' feature log with the same metrics (HIT@3, AUC, NE per head; the
 two paths compute the same function of the parameters, a test pins it). Per seed and mean/std over
 seeds; training speed in candidates per second (steady state).
 
-Writes ``bench/results/request_training.{json,png}``; ``headline``: ``auc_click_per_example``,
+Writes ``bench/results/request_training.{json,png}`` (``request_training_vista.*`` for VISTA);
+``headline``: ``family``, ``auc_click_per_example``,
 ``auc_click_whole_request`` (means), their stds, ``candidates_per_s_per_example``,
 ``candidates_per_s_whole_request``, ``speedup_whole_request``, ``seeds``.
 """
@@ -58,9 +62,9 @@ def write_logs(root: str, feat: FeatureConfig, sel: SelectionConfig, syn: Synthe
 
 
 def config(sel: SelectionConfig, a, steps: int, batch: int, seed: int) -> ExperimentConfig:
-    cfg = preset("hstu", ExperimentConfig(
+    cfg = preset(a.family, ExperimentConfig(
         selection=sel, model=ModelConfig(d_model=a.d_model, num_heads=2, num_layers=a.layers,
-                                         mlp_dims=(64,), b_m=a.b_m),
+                                         mlp_dims=(64,), b_m=a.b_m, num_seeds=a.num_seeds),
         train=TrainConfig(batch_size=batch, steps=steps, learning_rate=a.lr, warmup_steps=steps // 10,
                           eval_every=steps, log_every=max(1, steps // 10), seed=seed)))
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, segments=("ll", "rt_recent")))
@@ -88,7 +92,7 @@ def plot(result: dict, path: str) -> None:
     a.legend()
     b.bar(names, [result["rows"][n]["candidates_per_s"]["mean"] for n in names])
     b.set_ylabel("training candidates/s")
-    fig.suptitle(f"HSTU per example vs whole requests, {result['steps']} steps, "
+    fig.suptitle(f"{result['family']} per example vs whole requests, {result['steps']} steps, "
                  f"{result['candidates_per_step']} candidates/step ({result['environment']['device']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -97,6 +101,8 @@ def plot(result: dict, path: str) -> None:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default="hstu", choices=("hstu", "vista"))
+    ap.add_argument("--num-seeds", type=int, default=32, help="VISTA's virtual seeds k")
     ap.add_argument("--train-users", type=int, default=1200)
     ap.add_argument("--eval-users", type=int, default=400)
     ap.add_argument("--ll-len", type=int, default=1000, help="S_LL length of every user")
@@ -145,12 +151,14 @@ def main(argv=None) -> dict:
     rows = {name: {k: summary(r, k) for k in METRICS + ("candidates_per_s",)} for name, r in runs.items()}
     pe, wr = rows["per_example"], rows["whole_request"]
     result = {
-        "benchmark": "request_training", "environment": environment(), "argv": vars(a),
+        "benchmark": "request_training", "family": a.family, "environment": environment(),
+        "argv": vars(a),
         "steps": a.steps, "candidates_per_step": a.batch, "requests_per_step": requests_per_step,
         "seeds": a.seeds, "train_requests": len(train_logs["requests"]),
         "eval_examples": len(eval_logs["features"]), "rows": rows, "runs": runs,
         "headline": {
-            "auc_click_per_example": pe["auc/click"]["mean"], "auc_click_per_example_std": pe["auc/click"]["std"],
+            "family": a.family, "auc_click_per_example": pe["auc/click"]["mean"],
+            "auc_click_per_example_std": pe["auc/click"]["std"],
             "auc_click_whole_request": wr["auc/click"]["mean"],
             "auc_click_whole_request_std": wr["auc/click"]["std"],
             "candidates_per_s_per_example": pe["candidates_per_s"]["mean"],
@@ -159,8 +167,9 @@ def main(argv=None) -> dict:
             "seeds": a.seeds},
         "wall_s": time.perf_counter() - t0,
     }
-    write_results(a.results, "request_training", result)
-    plot(result, os.path.join(a.results, "request_training.png"))
+    stem = "request_training" if a.family == "hstu" else f"request_training_{a.family}"
+    write_results(a.results, stem, result)
+    plot(result, os.path.join(a.results, f"{stem}.png"))
     print(json.dumps(result["headline"], indent=1))
     return result
 
