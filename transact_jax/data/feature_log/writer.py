@@ -160,12 +160,15 @@ class ShardedLogWriter:
     """What every writer of a sharded log directory shares (the atomic replace of the module
     docstring): a private staging directory next to ``path``, shard files written into it, the
     manifest written last by :meth:`finish`, and :meth:`publish` swapping the directory in.
-    Subclasses add ``write`` and define :meth:`_flush` (write what is buffered) and
-    :meth:`_manifest` (the manifest's fields); ``what`` and ``suffix`` name the kind of log and its
-    shard files. Use as a context manager: leaving the ``with`` block with an exception aborts."""
+    Subclasses (with ``feat`` and ``sel`` set) add ``write`` and define :meth:`_flush` (write what is
+    buffered), :meth:`_columns` and :meth:`_totals` (the manifest's column table and totals);
+    ``what``, ``suffix``, ``format_name`` and ``format_version`` name the kind of log, its shard
+    files and its manifest's format. Use as a context manager: leaving the ``with`` block with an exception aborts."""
 
     what = "feature log"
     suffix = SHARD_SUFFIX
+    format_name = FORMAT_NAME
+    format_version = FORMAT_VERSION
 
     def __init__(self, path: PathLike, overwrite: bool):
         self.path = os.fspath(path)
@@ -195,9 +198,19 @@ class ShardedLogWriter:
     def _flush(self) -> None:
         """Write whatever is still buffered (subclasses)."""
 
+    def _columns(self) -> List[Dict[str, Any]]:
+        """The manifest's column table (subclasses)."""
+        return []
+
+    def _totals(self) -> Dict[str, int]:
+        """The manifest's totals (subclasses)."""
+        return {}
+
     def _manifest(self) -> Dict[str, Any]:
-        """The manifest's fields (subclasses)."""
-        raise NotImplementedError
+        return {"format": self.format_name, "version": self.format_version, "log_id": self.log_id,
+                "feature_config": config_to_dict(self.feat),
+                "selection_config": config_to_dict(self.sel),
+                "columns": self._columns(), "shards": self._shards, **self._totals()}
 
     def finish(self) -> None:
         """Write the remaining data and then the manifest into the staging directory; nothing
@@ -322,17 +335,11 @@ class FeatureLogWriter(ShardedLogWriter):
             self._write_shard(self._merged())
             self._buffer, self._buffered = [], 0
 
-    def _manifest(self) -> Dict[str, Any]:
-        return {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "log_id": self.log_id,
-            "feature_config": config_to_dict(self.feat),
-            "selection_config": config_to_dict(self.sel),
-            "columns": _column_table(self.feat, self.sel),
-            "shards": self._shards,
-            "num_examples": self._num_examples,
-        }
+    def _columns(self) -> List[Dict[str, Any]]:
+        return _column_table(self.feat, self.sel)
+
+    def _totals(self) -> Dict[str, int]:
+        return {"num_examples": self._num_examples}
 
     def _discard(self) -> None:
         self._buffer, self._buffered, self._num_examples = [], 0, 0

@@ -21,7 +21,7 @@ swapped in by rename when the writer closes)::
     my_requests/
       manifest.json        # written last
       shard-00000.trl      # requests [0, u_0)
-      ...
+      shard-NNNNN.trl      # one file per shard, in request order
 
 ``manifest.json``: ``"format"`` ``"transact-jax request log"``, ``"version"`` 1, ``"log_id"`` (a
 random UUID repeated in every shard header), ``"feature_config"``, ``"selection_config"``,

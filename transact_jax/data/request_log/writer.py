@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 from transact_jax.config import FeatureConfig, SelectionConfig
-from transact_jax.config_json import config_to_dict
 from transact_jax.data.feature_log.format import PathLike, encode_columns
 from transact_jax.data.feature_log.writer import ShardedLogWriter
 from transact_jax.data.request_log.format import (
@@ -40,7 +39,7 @@ def _by_request(batch: RequestBatch) -> RequestBatch:
     return dataclasses.replace(batch, **{name: getattr(batch, name)[order] for name in CANDIDATE_FIELDS})
 
 
-def _columns(batch: RequestBatch, lo: int, hi: int) -> Dict[str, np.ndarray]:
+def _request_columns(batch: RequestBatch, lo: int, hi: int) -> Dict[str, np.ndarray]:
     """Requests ``[lo, hi)`` of a batch whose candidates are grouped by request, as the log's
     columns (``cand_to_req`` renumbered from 0)."""
     out: Dict[str, np.ndarray] = {}
@@ -76,6 +75,8 @@ class RequestLogWriter(ShardedLogWriter):
 
     what = "request log"
     suffix = SHARD_SUFFIX
+    format_name = FORMAT_NAME
+    format_version = FORMAT_VERSION
 
     def __init__(self, path: PathLike, feat: FeatureConfig, sel: SelectionConfig, *,
                  requests_per_shard: int = 4096, overwrite: bool = False):
@@ -83,7 +84,7 @@ class RequestLogWriter(ShardedLogWriter):
             raise ValueError(f"requests_per_shard: must be a positive int, got {requests_per_shard!r}")
         self.feat, self.sel = feat, sel
         self.requests_per_shard = int(requests_per_shard)
-        self._columns = column_table(feat)
+        self._column_table = column_table(feat)
         self.num_requests = self.num_candidates = 0
         super().__init__(path, overwrite)
 
@@ -97,30 +98,23 @@ class RequestLogWriter(ShardedLogWriter):
         requests.validate(self.feat, self.sel)
         batch = _by_request(requests)
         for lo in range(0, batch.num_requests, self.requests_per_shard):
-            self._write_shard(_columns(batch, lo, min(lo + self.requests_per_shard, batch.num_requests)))
+            self._write_shard(_request_columns(batch, lo, min(lo + self.requests_per_shard, batch.num_requests)))
 
     def _write_shard(self, cols: Dict[str, np.ndarray]) -> None:
         counts = {"requests": len(cols["user_id"]), "candidates": len(cols["cand_item_id"]),
                   **{f"tokens.{f}": len(cols[f"{f}.timestamps"]) for f in FAMILIES}}
-        shard = encode_columns([(spec, cols[spec["name"]]) for spec in self._columns],
+        shard = encode_columns([(spec, cols[spec["name"]]) for spec in self._column_table],
                                {"log_id": self.log_id, "shard": len(self._shards),
                                 "num_examples": counts["requests"], "counts": counts}, REQUEST_LOG)
         self._add_shard(shard, {"num_examples": counts["requests"], "counts": counts})
         self.num_requests += counts["requests"]
         self.num_candidates += counts["candidates"]
 
-    def _manifest(self) -> Dict[str, Any]:
-        return {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "log_id": self.log_id,
-            "feature_config": config_to_dict(self.feat),
-            "selection_config": config_to_dict(self.sel),
-            "columns": self._columns,
-            "shards": self._shards,
-            "num_requests": self.num_requests,
-            "num_candidates": self.num_candidates,
-        }
+    def _columns(self) -> List[Dict[str, Any]]:
+        return self._column_table
+
+    def _totals(self) -> Dict[str, int]:
+        return {"num_requests": self.num_requests, "num_candidates": self.num_candidates}
 
     def _discard(self) -> None:
         self.num_requests = self.num_candidates = 0
