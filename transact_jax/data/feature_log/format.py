@@ -438,3 +438,26 @@ class ShardMaps:
     def close(self) -> None:
         with self._lock:
             self.open_maps.clear()
+
+
+class MappedLog:
+    """What the log readers share: their shards' memory maps in ``self._maps`` (a
+    :class:`ShardMaps`), closing them, the context manager, and pickling by reopening (a
+    multi-process input pipeline's worker reopens the log, checking the headers and, lazily, the
+    data again unless this log checks nothing). Subclasses take ``(path, feat, sel, verify,
+    max_open_shards)``."""
+
+    def close(self) -> None:
+        """Drop the memory maps (batches already read stay valid: they are copies); a later read
+        maps the shards it needs again."""
+        self._maps.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __reduce__(self):
+        verify = "none" if self.verify == "none" else "header"
+        return (type(self), (self.path, self.feat, self.sel, verify, self.max_open_shards))

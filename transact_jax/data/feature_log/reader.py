@@ -22,6 +22,7 @@ from transact_jax.data.feature_log.format import (
     VERIFY_MODES,
     FeatureLogError,
     PathLike,
+    MappedLog,
     ShardMaps,
     _Shard,
     _column_table,
@@ -63,7 +64,7 @@ def _example_of(breach: rules.Breach) -> int:
     return int(np.unravel_index(int(breach.rows[0]), breach.shape)[0])
 
 
-class FeatureLog:
+class FeatureLog(MappedLog):
     """Read-only, random-access view of a feature log directory (format: the package docstring).
 
     Args:
@@ -201,26 +202,6 @@ class FeatureLog:
         open), even if already checked."""
         for i in range(self.num_shards):
             self._maps.verify(i, again=True)
-
-    # -- lifetime
-
-    def close(self) -> None:
-        """Drop the memory maps (arrays returned by :meth:`read` stay valid: they are copies).
-
-        A later read maps the shards it needs again."""
-        self._maps.close()
-
-    def __enter__(self) -> "FeatureLog":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __reduce__(self):
-        # Picklable for multi-process input pipelines: a worker reopens the log, checking the headers
-        # and (lazily) the data again unless this log checks nothing.
-        verify = "none" if self.verify == "none" else "header"
-        return (FeatureLog, (self.path, self.feat, self.sel, verify, self.max_open_shards))
 
     def __repr__(self) -> str:
         # the identity is part of it: grain matches the data source of a saved iterator state by

@@ -10,6 +10,7 @@ from transact_jax.config import FeatureConfig, SelectionConfig
 from transact_jax.data.feature_log.format import (
     VERIFY_MODES,
     PathLike,
+    MappedLog,
     ShardMaps,
     _Shard,
     load_manifest,
@@ -39,7 +40,7 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) + shift
 
 
-class RequestLog:
+class RequestLog(MappedLog):
     """Read-only, random-access view of a request log directory (format: the package docstring).
 
     Args:
@@ -223,23 +224,6 @@ class RequestLog:
     def read_range(self, start: int, stop: int) -> RequestBatch:
         """Requests ``[start, stop)`` in order."""
         return self.read(np.arange(start, stop, dtype=np.int64))
-
-    # -- lifetime
-
-    def close(self) -> None:
-        """Drop the memory maps (batches already read stay valid: they are copies)."""
-        self._maps.close()
-
-    def __enter__(self) -> "RequestLog":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __reduce__(self):
-        # picklable for multi-process input pipelines: a worker reopens (and checks) the log
-        verify = "none" if self.verify == "none" else "header"
-        return (RequestLog, (self.path, self.feat, self.sel, verify, self.max_open_shards))
 
     def __repr__(self) -> str:
         # the identity is part of it, as for FeatureLog (grain matches a saved state's source by repr)
